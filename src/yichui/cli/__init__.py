@@ -1,0 +1,1 @@
+"""The ``yichui`` command line: one Typer sub-app per noun."""

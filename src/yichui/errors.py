@@ -1,0 +1,128 @@
+"""Every exception yichui raises on purpose, in one tree.
+
+::
+
+    YichuiError
+    ├── ConfigError (ValueError)              bad settings or config file
+    ├── MissingExtraError (ImportError)       an optional extra (ml, hub) is not installed
+    ├── StateError                            the state layer (Redis)
+    │   ├── RedisUnavailableError (ConnectionError)
+    │   └── EmbeddedRedisError                the private redis-server could not start/stop
+    └── ModelError                            anything about one model (has ``name``)
+        ├── InvalidModelNameError (ValueError)
+        ├── ModelNotFoundError (LookupError)
+        ├── ModelBusyError (TimeoutError)     another process holds the model's lock too long
+        ├── SourceError                       a hub, mirror or file we pull from
+        │   ├── SourceNotFoundError (LookupError)
+        │   └── SourceUnavailableError (ConnectionError)
+        └── DownloadError (OSError)           disk full, permission denied, interrupted
+
+Each error carries structured fields and an optional ``hint`` telling the user what to do
+next; the CLI and the API translate them once, at their edge.
+"""
+
+from __future__ import annotations
+
+
+class YichuiError(Exception):
+    """Root of every error yichui raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(YichuiError, ValueError):
+    """The settings or the config file are invalid."""
+
+    exit_code = 2
+
+
+class MissingExtraError(YichuiError, ImportError):
+    """An optional dependency group is needed but not installed."""
+
+    def __init__(self, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the optional '{extra}' extra",
+            hint=f"install it with: pip install 'yichui[{extra}]'",
+        )
+        self.extra = extra
+
+
+class StateError(YichuiError):
+    """The state layer (Redis) failed."""
+
+
+class RedisUnavailableError(StateError, ConnectionError):
+    """Redis could not be reached (or timed out)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            f"Redis at {url} is unreachable: {reason}",
+            hint="check YICHUI_REDIS_URL, or unset it to use the embedded Redis",
+        )
+        self.url = url
+        self.reason = reason
+
+
+class EmbeddedRedisError(StateError):
+    """The private redis-server under the data directory could not be started or stopped."""
+
+
+class ModelError(YichuiError):
+    """Something about one model."""
+
+    def __init__(self, message: str, *, name: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.name = name
+
+
+class InvalidModelNameError(ModelError, ValueError):
+    """A model name that is malformed or unsafe to map onto the disk."""
+
+    exit_code = 2
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"invalid model name {name!r}: {reason}", name=name)
+        self.reason = reason
+
+
+class ModelNotFoundError(ModelError, LookupError):
+    """No such model in the models root."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"model {name!r} not found",
+            name=name,
+            hint="see `yichui models list`, or fetch it with `yichui models pull`",
+        )
+
+
+class ModelBusyError(ModelError, TimeoutError):
+    """Another process kept the model's lock past our wait."""
+
+
+class SourceError(ModelError):
+    """A model source (hub, mirror folder, GGUF file) failed."""
+
+    def __init__(self, message: str, *, name: str, source: str, hint: str | None = None) -> None:
+        super().__init__(message, name=name, hint=hint)
+        self.source = source
+
+
+class SourceNotFoundError(SourceError, LookupError):
+    """The source has no such repository, revision or file."""
+
+
+class SourceUnavailableError(SourceError, ConnectionError):
+    """The source cannot be reached (offline, network down, SDK missing)."""
+
+
+class DownloadError(ModelError, OSError):
+    """A pull failed while writing: disk full, permission denied, interrupted."""

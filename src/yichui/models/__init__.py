@@ -1,0 +1,1 @@
+"""The model registry: names, statuses, sources and pulls."""

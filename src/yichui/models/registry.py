@@ -1,0 +1,248 @@
+"""The model registry: statuses and listings answered from Redis, the disk as the truth.
+
+Reads go to the cache first (``model_status`` for one model, ``model_index`` for listings) and
+fall back to the disk when the entry is missing. When Redis is unreachable every read is
+answered from the disk and marked ``degraded``; writes (pull, import, rm) need Redis, because
+they take the model's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yichui.config import Settings
+from yichui.errors import ModelNotFoundError, RedisUnavailableError, StateError
+from yichui.models.names import model_dir, trash_dir, validate_name
+from yichui.models.status import (
+    ModelStatus,
+    is_model_folder,
+    iter_files,
+    read_manifest,
+    scan_model,
+    sha256_file,
+)
+from yichui.state.model_status import ModelStatusStore
+
+
+@dataclass
+class Lookup:
+    """One model's status and where the answer came from."""
+
+    status: ModelStatus
+    cached: bool = False
+    degraded: str | None = None
+    """Why Redis was not used (None when it was)."""
+
+
+@dataclass
+class Listing:
+    models: list[ModelStatus]
+    cached: bool = False
+    degraded: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    name: str
+    ok: bool
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    manifest: bool = True
+    """False when the folder has no manifest: only sizes could be reported, not damage."""
+    status: ModelStatus | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "checked": self.checked,
+            "missing": self.missing,
+            "changed": self.changed,
+            "extra": self.extra,
+            "manifest": self.manifest,
+            "status": self.status.to_dict() if self.status else None,
+        }
+
+
+class ModelRegistry:
+    """Every model under the models root::
+
+    registry = ModelRegistry(settings, store)       # store=None: Redis unreachable
+    registry.status("Qwen/Qwen2.5-7B-Instruct").status.exists
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStatusStore | None,
+        *,
+        degraded: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.root = settings.models_path
+        self.store = store
+        self.degraded = degraded if store is None else None
+
+    # -- reads ------------------------------------------------------------------------------
+    def status(self, name: str, *, refresh: bool = False) -> Lookup:
+        """The status of ``name`` (negative entries included); one GET on a hit."""
+        validate_name(name)
+        if self.store is not None and not refresh:
+            try:
+                cached = self.store.get(name)
+            except StateError as exc:
+                return Lookup(self.scan(name), degraded=str(exc))
+            if cached is not None:
+                return Lookup(ModelStatus.from_dict(cached), cached=True)
+        status = self.scan(name)
+        return Lookup(status, degraded=self._record(status))
+
+    def require(self, name: str, *, refresh: bool = False) -> Lookup:
+        """Like :meth:`status`, raising :class:`ModelNotFoundError` for a missing model."""
+        found = self.status(name, refresh=refresh)
+        if not found.status.exists:
+            raise ModelNotFoundError(name)
+        return found
+
+    def scan(self, name: str) -> ModelStatus:
+        return scan_model(name, model_dir(self.root, name))
+
+    def listing(
+        self,
+        *,
+        kind: str | None = None,
+        source: str | None = None,
+        pattern: str | None = None,
+        refresh: bool = False,
+    ) -> Listing:
+        """Every model, from the index in Redis (built from one walk the first time)."""
+        listing = self._listing(refresh)
+        listing.models = [
+            m
+            for m in listing.models
+            if (kind is None or m.kind == kind)
+            and (source is None or m.source == source)
+            and (pattern is None or fnmatch.fnmatch(m.name.lower(), pattern.lower()))
+        ]
+        listing.models.sort(key=lambda m: m.name.lower())
+        return listing
+
+    def _listing(self, refresh: bool) -> Listing:
+        if self.store is None:
+            return Listing(self.walk(), degraded=self.degraded)
+        if not refresh:
+            try:
+                entries, meta = self.store.index()
+            except StateError as exc:
+                return Listing(self.walk(), degraded=str(exc))
+            if meta is not None:
+                return Listing([ModelStatus.from_dict(v) for v in entries.values()], cached=True)
+        return self.rescan()
+
+    def walk(self) -> list[ModelStatus]:
+        """Scan every model folder under the root (what the cache saves us from)."""
+        return [scan_model(name, folder) for name, folder in self._model_folders()]
+
+    def _model_folders(self) -> Iterator[tuple[str, Path]]:
+        if not self.root.is_dir():
+            return
+        for top in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if top.name.startswith(".") or not top.is_dir():
+                continue
+            folder = Path(top.path)
+            if is_model_folder(folder):
+                yield top.name, folder
+                continue
+            for sub in sorted(os.scandir(folder), key=lambda e: e.name):
+                if not sub.name.startswith(".") and sub.is_dir():
+                    yield f"{top.name}/{sub.name}", Path(sub.path)
+
+    # -- writes -----------------------------------------------------------------------------
+    def rescan(self) -> Listing:
+        """Walk the root and rebuild every cache entry and the index (pipelined)."""
+        models = [m for m in self.walk() if m.exists]
+        if self.store is None:
+            return Listing(models, degraded=self.degraded)
+        try:
+            self.store.replace_all([m.to_dict() for m in models], str(self.root))
+        except StateError as exc:
+            return Listing(models, degraded=str(exc))
+        return Listing(models)
+
+    def record(self, status: ModelStatus, event: str | None = None, **fields: Any) -> None:
+        """Write a status to the cache (and publish ``event``); Redis must be reachable."""
+        store = self.require_store()
+        store.put(status.name, status.to_dict())
+        if event:
+            store.publish(event, status.name, **fields)
+
+    def _record(self, status: ModelStatus) -> str | None:
+        if self.store is None:
+            return self.degraded
+        try:
+            self.store.put(status.name, status.to_dict())
+        except StateError as exc:
+            return str(exc)
+        return None
+
+    def require_store(self) -> ModelStatusStore:
+        if self.store is None:
+            raise RedisUnavailableError(self.settings.redis_url or "embedded", self.degraded or "")
+        return self.store
+
+    def remove(self, name: str) -> ModelStatus:
+        """Delete a model's files (atomically moved aside first) and cache it as missing."""
+        from yichui.models.install import model_lock
+
+        store = self.require_store()
+        folder = model_dir(self.root, name)
+        with model_lock(self, name):
+            before = scan_model(name, folder)
+            if not before.exists and not folder.exists():
+                store.put(name, ModelStatus.missing(name).to_dict())
+                raise ModelNotFoundError(name)
+            trash = trash_dir(self.root) / f"{name.replace('/', '--')}.{uuid.uuid4().hex[:8]}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, trash)
+            self.record(ModelStatus.missing(name), "removed")
+            _prune_empty_org(self.root, name)
+        shutil.rmtree(trash, ignore_errors=True)
+        return before
+
+    def verify(self, name: str) -> VerifyReport:
+        """Re-hash every file against the manifest and refresh the cached status."""
+        folder = model_dir(self.root, name)
+        status = self.scan(name)
+        if not status.exists:
+            raise ModelNotFoundError(name)
+        expected: dict[str, Any] = read_manifest(folder).get("files") or {}
+        present = {rel: st.st_size for rel, st in iter_files(folder)}
+        report = VerifyReport(name=name, ok=True, manifest=bool(expected), status=status)
+        for rel, info in sorted(expected.items()):
+            if rel not in present:
+                report.missing.append(rel)
+                continue
+            report.checked += 1
+            if present[rel] != info.get("size") or sha256_file(folder / rel) != info.get("sha256"):
+                report.changed.append(rel)
+        if expected:
+            report.extra = sorted(set(present) - set(expected))
+        report.ok = not (report.missing or report.changed)
+        self._record(status)
+        return report
+
+
+def _prune_empty_org(root: Path, name: str) -> None:
+    if "/" in name:
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            (root / name.split("/")[0]).rmdir()

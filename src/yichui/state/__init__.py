@@ -1,0 +1,1 @@
+"""The state layer: the only code that talks to Redis."""

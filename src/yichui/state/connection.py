@@ -1,0 +1,214 @@
+"""Redis clients from one URL.
+
+Supported URLs::
+
+    redis://[[user]:password@]host[:port][/db]
+    rediss://…                                   TLS
+    unix:///path/to/redis.sock[?db=N]
+    redis+sentinel://[[user]:password@]host:port[,host:port…]/<master-name>[/db]
+    redis+cluster://[[user]:password@]host:port[,host:port…]
+    (rediss+sentinel:// and rediss+cluster:// for TLS)
+
+With no URL configured, :func:`resolve_url` starts (or reuses) the embedded redis-server under the
+data directory. Every client gets connect/socket timeouts, retries with jittered exponential
+backoff on connection errors, and periodic health checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+from urllib.parse import parse_qs, unquote
+
+import redis
+import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from yichui.errors import ConfigError, RedisUnavailableError
+
+if TYPE_CHECKING:
+    from yichui.config import Settings
+
+SyncRedis: TypeAlias = "redis.Redis | RedisCluster"
+AsyncRedis: TypeAlias = "aredis.Redis | AsyncRedisCluster"
+
+_SCHEMES = {
+    "redis": ("standalone", False),
+    "rediss": ("standalone", True),
+    "unix": ("standalone", False),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+}
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed Redis URL."""
+
+    url: str
+    kind: str  # standalone | sentinel | cluster
+    tls: bool = False
+    nodes: tuple[tuple[str, int], ...] = ()
+    master: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def display(self) -> str:
+        """The URL with any password masked, safe to print or log."""
+        return mask_password(self.url)
+
+
+def mask_password(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***``."""
+    return re.sub(r"^([a-z+]+://[^:@/]*):[^@/]+@", r"\1:***@", url)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse and validate a Redis URL; raise :class:`ConfigError` on anything malformed."""
+    if "://" not in url:
+        raise ConfigError(f"invalid Redis URL {url!r}: expected scheme://…")
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"invalid Redis URL: unknown scheme {scheme!r}",
+            hint="use redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://",
+        )
+    kind, tls = _SCHEMES[scheme]
+    query: dict[str, str] = {}
+    if "?" in rest:
+        rest, qs = rest.split("?", 1)
+        query = {k: v[-1] for k, v in parse_qs(qs).items()}
+    if kind == "standalone":
+        return RedisTarget(url=url, kind=kind, tls=tls, options=query)
+
+    netloc, _, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, _, pw = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) or None)
+    nodes = []
+    for part in netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"invalid Redis URL {url!r}: expected host:port, got {part!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    segments = [s for s in path.split("/") if s]
+    master = None
+    db = 0
+    if kind == "sentinel":
+        if not segments:
+            raise ConfigError(f"invalid Redis URL {url!r}: missing /<master-name>")
+        master = segments.pop(0)
+    if segments:
+        if kind == "cluster" or len(segments) > 1 or not segments[0].isdigit():
+            raise ConfigError(f"invalid Redis URL {url!r}: unexpected path /{'/'.join(segments)}")
+        db = int(segments[0])
+    return RedisTarget(
+        url=url,
+        kind=kind,
+        tls=tls,
+        nodes=tuple(nodes),
+        master=master,
+        db=db,
+        username=username,
+        password=password,
+        options=query,
+    )
+
+
+def _common_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": settings.redis_connect_timeout,
+        "socket_timeout": settings.redis_socket_timeout,
+        "health_check_interval": settings.redis_health_check_interval,
+        "client_name": "yichui",
+    }
+
+
+def _backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(cap=1.0, base=0.05)
+
+
+def _build(target: RedisTarget, settings: Settings, *, asyncio: bool) -> Any:
+    kwargs = _common_kwargs(settings)
+    if asyncio:
+        redis_cls: Any = aredis.Redis
+        sentinel_cls: Any = AsyncSentinel
+        cluster_cls: Any = AsyncRedisCluster
+        node_cls: Any = AsyncClusterNode
+        retry: Any = AsyncRetry(_backoff(), settings.redis_retries)
+    else:
+        redis_cls, sentinel_cls, cluster_cls, node_cls = (
+            redis.Redis,
+            Sentinel,
+            RedisCluster,
+            ClusterNode,
+        )
+        retry = Retry(_backoff(), settings.redis_retries)
+    if target.kind == "standalone":
+        return redis_cls.from_url(target.url, retry=retry, **kwargs)
+    auth = {"username": target.username, "password": target.password}
+    if target.kind == "sentinel":
+        sentinel_kwargs = {**kwargs, "ssl": target.tls}
+        if "sentinel_password" in target.options:
+            sentinel_kwargs["password"] = target.options["sentinel_password"]
+        sentinel = sentinel_cls(
+            list(target.nodes), sentinel_kwargs=sentinel_kwargs, ssl=target.tls, **kwargs
+        )
+        return sentinel.master_for(target.master, db=target.db, retry=retry, **auth)
+    nodes = [node_cls(host, port) for host, port in target.nodes]
+    return cluster_cls(startup_nodes=nodes, retry=retry, ssl=target.tls, **auth, **kwargs)
+
+
+def make_sync_client(target: RedisTarget, settings: Settings) -> SyncRedis:
+    """A blocking client for ``target`` (standalone, Sentinel master, or Cluster)."""
+    client: SyncRedis = _build(target, settings, asyncio=False)
+    return client
+
+
+def make_async_client(target: RedisTarget, settings: Settings) -> AsyncRedis:
+    """An asyncio client for ``target``, configured like :func:`make_sync_client`."""
+    client: AsyncRedis = _build(target, settings, asyncio=True)
+    return client
+
+
+def resolve_url(settings: Settings, *, start: bool = True) -> str:
+    """The configured Redis URL, or the embedded server's (started if needed and ``start``)."""
+    if settings.redis_url:
+        return settings.redis_url
+    from yichui.state.embedded import EmbeddedRedis
+
+    embedded = EmbeddedRedis(settings.data_dir)
+    return embedded.ensure().url if start else embedded.require_running().url
+
+
+def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRedis, RedisTarget]:
+    """Resolve the URL, build a sync client and check it answers ``PING``."""
+    url = resolve_url(settings, start=start_embedded)
+    target = parse_redis_url(url)
+    client = make_sync_client(target, settings)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RedisUnavailableError(target.display, _reason(exc)) from exc
+    return client, target
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,51 @@
+"""Every Redis key and channel name yichui uses, in one place.
+
+Names follow ``resource_type:identifier`` and carry an optional namespace prefix
+(``<namespace>:resource_type:identifier``). Keys that are used together in one atomic
+operation share a Redis Cluster hash slot through a hash tag: ``model_status:{<name>}`` and
+``model_lock:{<name>}`` are written together when a pull commits. ``docs/keys.md`` lists every
+key with its type, TTL, writer and readers; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KEY_SCHEMA_VERSION = 1
+"""Bumped whenever the layout of a value changes incompatibly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names for one namespace::
+
+    keys = Keys(namespace="team-a")
+    keys.model_status("Qwen/Qwen2.5-7B")  # 'team-a:model_status:{Qwen/Qwen2.5-7B}'
+    """
+
+    namespace: str = ""
+
+    def _k(self, *parts: str) -> str:
+        body = ":".join(parts)
+        return f"{self.namespace}:{body}" if self.namespace else body
+
+    # -- model registry ---------------------------------------------------------------------
+    def model_status(self, name: str) -> str:
+        """STRING, JSON status of one model (or ``{"exists": false}``); TTL 24 h / 5 min."""
+        return self._k("model_status", "{" + name + "}")
+
+    def model_lock(self, name: str) -> str:
+        """STRING, owner token of the single pull/import/remove in flight for a model."""
+        return self._k("model_lock", "{" + name + "}")
+
+    def model_index(self) -> str:
+        """HASH, name -> compact JSON summary of every model in the root: the listing."""
+        return self._k("model_index")
+
+    def model_index_meta(self) -> str:
+        """STRING, JSON ``{"built_at", "root"}``: when the index was last rebuilt from disk."""
+        return self._k("model_index_meta")
+
+    def model_events(self) -> str:
+        """Pub/sub channel: JSON events ``{"event", "name", ...}`` on pull, import, rm."""
+        return self._k("model_events")

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.redis_proc import RedisProcess
+from yichui.config import Settings, load_settings
+from yichui.models.registry import ModelRegistry
+from yichui.state.keys import Keys
+from yichui.state.model_status import ModelStatusStore
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One throwaway redis-server for the session; tests get it flushed."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    if redis_server.proc is None:  # a test killed it
+        redis_server.start()
+    with redis_server.client() as c:
+        c.flushall()  # our own throwaway server, never a shared one
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("YICHUI_"):
+            monkeypatch.delenv(key)
+    return load_settings(
+        data_dir=tmp_path / "data",
+        models_root=tmp_path / "models",
+        redis_url=redis_url,
+        mirror_dir=tmp_path / "mirror",
+    )
+
+
+@pytest.fixture
+def store(settings: Settings, redis_client: redis.Redis) -> ModelStatusStore:
+    return ModelStatusStore(
+        redis_client,
+        Keys(settings.namespace),
+        ttl=settings.model_status_ttl,
+        missing_ttl=settings.model_missing_ttl,
+        jitter=settings.ttl_jitter,
+    )
+
+
+@pytest.fixture
+def registry(settings: Settings, store: ModelStatusStore) -> ModelRegistry:
+    settings.models_path.mkdir(parents=True, exist_ok=True)
+    return ModelRegistry(settings, store)
