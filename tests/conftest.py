@@ -10,6 +10,7 @@ import redis
 from tests.redis_proc import RedisProcess
 from yichui.config import Settings, load_settings
 from yichui.models.registry import ModelRegistry
+from yichui.models.status import LISTING_FIELDS
 from yichui.state.keys import Keys
 from yichui.state.model_status import ModelStatusStore
 
@@ -61,6 +62,7 @@ def store(settings: Settings, redis_client: redis.Redis) -> ModelStatusStore:
         ttl=settings.model_status_ttl,
         missing_ttl=settings.model_missing_ttl,
         jitter=settings.ttl_jitter,
+        listing_fields=LISTING_FIELDS,
     )
 
 

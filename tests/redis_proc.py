@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -97,3 +99,178 @@ class RedisProcess:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+class PasswordRedisProcess(RedisProcess):
+    """A :class:`RedisProcess` that requires ``password`` (its :meth:`client` sends it)."""
+
+    def __init__(self, workdir: Path, password: str, **kwargs: Any) -> None:
+        super().__init__(workdir, **kwargs)
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self, *extra: str) -> PasswordRedisProcess:
+        super().start("--requirepass", self.password, "--masterauth", self.password, *extra)
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "it") -> None:
+    """Poll ``predicate`` every 50 ms until it is true; RuntimeError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError, OSError):
+            if predicate():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class SentinelProcess:
+    """One ``redis-server --sentinel`` monitoring ``master_port`` as ``master_name`` (quorum 1)::
+
+    sentinel = SentinelProcess(tmp_path / "s", master.port).start()
+    sentinel.url          # redis+sentinel://127.0.0.1:<port>/mymaster
+    sentinel.stop()
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        *,
+        master_name: str = "mymaster",
+        port: int | None = None,
+        master_password: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.master_port = master_port
+        self.master_name = master_name
+        self.port = port or free_port()
+        self.master_password = master_password
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.master_name}"
+
+    def start(self) -> SentinelProcess:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server must be on PATH for the tests"
+        assert 6379 not in (self.port, self.master_port), "never the shared Redis on 6379"
+        name = self.master_name
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f"dir {self.workdir}",
+            f"logfile {self.workdir / 'sentinel.log'}",
+            f"sentinel monitor {name} 127.0.0.1 {self.master_port} 1",
+            f"sentinel down-after-milliseconds {name} 5000",
+            f"sentinel failover-timeout {name} 60000",
+        ]
+        if self.master_password:
+            lines.append(f"sentinel auth-pass {name} {self.master_password}")
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        conf = self.workdir / "sentinel.conf"  # sentinel rewrites it: must be writable
+        conf.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen(
+            [binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_until(self._knows_master, what=f"sentinel on port {self.port}")
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
+
+    def _knows_master(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"sentinel exited, see {self.workdir / 'sentinel.log'}")
+        with self.client() as c:
+            addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+            return bool(addr) and int(addr[1]) == self.master_port
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class ClusterProcesses:
+    """A Redis Cluster of ``size`` masters (no replicas), all 16384 slots assigned::
+
+    cluster = ClusterProcesses(tmp_path).start()
+    cluster.url           # redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,…
+    cluster.stop()
+    """
+
+    def __init__(self, workdir: Path, *, size: int = 3) -> None:
+        self.workdir = Path(workdir)
+        self.nodes = [RedisProcess(self.workdir / f"node{i}") for i in range(size)]
+        self.bus_ports = {node.port: free_port() for node in self.nodes}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 20.0) -> ClusterProcesses:
+        try:
+            for node in self.nodes:
+                node.start(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(node.workdir / "nodes.conf"),
+                    "--cluster-node-timeout",
+                    "5000",
+                    # the default bus port, port + 10000, is out of range above 55535
+                    "--cluster-port",
+                    str(self.bus_ports[node.port]),
+                )
+            # slots split evenly, then every node meets the first one
+            per = 16384 // len(self.nodes)
+            for i, node in enumerate(self.nodes):
+                first = i * per
+                last = 16383 if i == len(self.nodes) - 1 else first + per - 1
+                with node.client() as c:
+                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+                    if i:
+                        first_node = self.nodes[0].port
+                        bus = self.bus_ports[first_node]
+                        c.execute_command("CLUSTER", "MEET", "127.0.0.1", first_node, bus)
+            wait_until(self._ok, timeout=timeout, what="cluster_state:ok on every node")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ok(self) -> bool:
+        for node in self.nodes:
+            with node.client() as c:
+                info = c.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if (
+                    "cluster_state:ok" not in text
+                    or f"cluster_known_nodes:{len(self.nodes)}" not in text
+                ):
+                    return False
+        return True
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -7,6 +7,7 @@ from functools import cached_property
 from yichui.config import Settings
 from yichui.errors import RedisUnavailableError, StateError
 from yichui.models.registry import ModelRegistry
+from yichui.models.status import LISTING_FIELDS
 from yichui.state.connection import RedisTarget, SyncRedis, connect
 from yichui.state.keys import Keys
 from yichui.state.model_status import ModelStatusStore
@@ -51,6 +52,7 @@ class Runtime:
             ttl=s.model_status_ttl,
             missing_ttl=s.model_missing_ttl,
             jitter=s.ttl_jitter,
+            listing_fields=LISTING_FIELDS,
         )
 
     @cached_property

@@ -6,7 +6,7 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import (
@@ -33,7 +33,6 @@ from yichui.models.names import validate_name
 from yichui.models.pull import pull_model
 from yichui.models.sources import get_source
 from yichui.models.sources.base import ProgressFn, PullSpec
-from yichui.models.status import ModelStatus
 from yichui.runtime import Runtime
 
 app = typer.Typer(help="Pull, import, inspect and remove models.", no_args_is_help=True)
@@ -46,24 +45,23 @@ def _rt(ctx: typer.Context) -> Runtime:
     return rt
 
 
-def _row(status: ModelStatus) -> list[str]:
-    return [
-        status.name,
-        status.kind or "-",
-        human_size(status.size),
-        str(status.files),
-        status.source or "-",
-        (status.revision or "-")[:12],
-        human_time(status.modified),
-    ]
+COLUMNS = ("name", "kind", "size", "files", "source", "revision", "modified")
 
 
-def _table(models: list[ModelStatus], title: str | None = None) -> Table:
+def _table(models: list[dict[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title)
-    for col in ("name", "kind", "size", "files", "source", "revision", "modified"):
+    for col in COLUMNS:
         table.add_column(col, justify="right" if col in ("size", "files") else "left")
     for m in models:
-        table.add_row(*_row(m))
+        table.add_row(
+            m["name"],
+            m["kind"] or "-",
+            human_size(m["size"]),
+            str(m["files"]),
+            m["source"] or "-",
+            (m["revision"] or "-")[:12],
+            human_time(m["modified"]),
+        )
     return table
 
 
@@ -84,7 +82,7 @@ def list_models(
     listing = _rt(ctx).registry.listing(kind=kind, source=source, pattern=pattern, refresh=refresh)
     warn_degraded(listing.degraded)
     if json:
-        print_json([m.to_dict() for m in listing.models])
+        print_json(listing.models)
         return
     if not listing.models:
         console.print("no models yet: try `yichui models import` or `yichui models pull NAME`")

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: an error stays one line however narrow the terminal
+err_console = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
 

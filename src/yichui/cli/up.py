@@ -21,7 +21,7 @@ def up(ctx: typer.Context, json: bool = JsonOpt) -> None:
             import_gguf(registry, bundled_gguf(), name)
     listing = registry.listing()
     if json:
-        print_json({"redis": target.display, "models": [m.to_dict() for m in listing.models]})
+        print_json({"redis": target.display, "models": listing.models})
         return
     console.print(f"Redis: {target.display}")
     console.print(_table(listing.models, title=f"models in {rt.settings.models_path}"))

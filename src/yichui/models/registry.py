@@ -13,15 +13,16 @@ import fnmatch
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from yichui.config import Settings
-from yichui.errors import ModelNotFoundError, RedisUnavailableError, StateError
+from yichui.errors import ModelNotFoundError, StateError
 from yichui.models.names import model_dir, trash_dir, validate_name
 from yichui.models.status import (
+    LISTING_FIELDS,
     ModelStatus,
     is_model_folder,
     iter_files,
@@ -44,7 +45,9 @@ class Lookup:
 
 @dataclass
 class Listing:
-    models: list[ModelStatus]
+    """Models as their status JSON objects (what ``models list --json`` prints), by name."""
+
+    models: list[dict[str, Any]]
     cached: bool = False
     degraded: str | None = None
 
@@ -125,28 +128,27 @@ class ModelRegistry:
         pattern: str | None = None,
         refresh: bool = False,
     ) -> Listing:
-        """Every model, from the index in Redis (built from one walk the first time)."""
+        """Every model, from the index in Redis (built by one walk the first time)."""
         listing = self._listing(refresh)
-        listing.models = [
-            m
-            for m in listing.models
-            if (kind is None or m.kind == kind)
-            and (source is None or m.source == source)
-            and (pattern is None or fnmatch.fnmatch(m.name.lower(), pattern.lower()))
-        ]
-        listing.models.sort(key=lambda m: m.name.lower())
+        if kind or source or pattern:
+            pat = pattern.lower() if pattern else None
+            listing.models = [
+                m
+                for m in listing.models
+                if (kind is None or m["kind"] == kind)
+                and (source is None or m["source"] == source)
+                and (pat is None or fnmatch.fnmatchcase(m["name"].lower(), pat))
+            ]
         return listing
 
     def _listing(self, refresh: bool) -> Listing:
-        if self.store is None:
-            return Listing(self.walk(), degraded=self.degraded)
-        if not refresh:
+        if self.store is not None and not refresh:
             try:
-                entries, meta = self.store.index()
+                rows = self.store.listing()
             except StateError as exc:
-                return Listing(self.walk(), degraded=str(exc))
-            if meta is not None:
-                return Listing([ModelStatus.from_dict(v) for v in entries.values()], cached=True)
+                return Listing(_rows(self.walk()), degraded=str(exc))
+            if rows is not None:
+                return Listing(rows, cached=True)
         return self.rescan()
 
     def walk(self) -> list[ModelStatus]:
@@ -169,12 +171,13 @@ class ModelRegistry:
 
     # -- writes -----------------------------------------------------------------------------
     def rescan(self) -> Listing:
-        """Walk the root and rebuild every cache entry and the index (pipelined)."""
-        models = [m for m in self.walk() if m.exists]
+        """Walk the root and rebuild every cache entry, the index and the listing (pipelined)."""
+        found = [m for m in self.walk() if m.exists]
+        models = _rows(found)
         if self.store is None:
             return Listing(models, degraded=self.degraded)
         try:
-            self.store.replace_all([m.to_dict() for m in models], str(self.root))
+            self.store.replace_all([m.to_dict() for m in found])
         except StateError as exc:
             return Listing(models, degraded=str(exc))
         return Listing(models)
@@ -197,7 +200,10 @@ class ModelRegistry:
 
     def require_store(self) -> ModelStatusStore:
         if self.store is None:
-            raise RedisUnavailableError(self.settings.redis_url or "embedded", self.degraded or "")
+            raise StateError(
+                self.degraded or "Redis is not available",
+                hint="changes to models need Redis (their lock); check `yichui redis status`",
+            )
         return self.store
 
     def remove(self, name: str) -> ModelStatus:
@@ -240,6 +246,12 @@ class ModelRegistry:
         report.ok = not (report.missing or report.changed)
         self._record(status)
         return report
+
+
+def _rows(models: Iterable[ModelStatus]) -> list[dict[str, Any]]:
+    rows = [{k: getattr(m, k) for k in LISTING_FIELDS} for m in models]
+    rows.sort(key=lambda r: (r["name"].lower(), r["name"]))  # the order the Lua rebuild uses
+    return rows
 
 
 def _prune_empty_org(root: Path, name: str) -> None:

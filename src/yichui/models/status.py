@@ -54,6 +54,20 @@ _MULTIMODAL_TYPES = {
 _MULTIMODAL_KEYS = ("vision_config", "visual", "vision_tower", "mm_vision_tower", "audio_config")
 
 
+LISTING_FIELDS = (
+    "name",
+    "exists",
+    "kind",
+    "size",
+    "files",
+    "source",
+    "revision",
+    "modified",
+    "path",
+)
+"""What ``models list`` shows of each model (``models status`` shows everything, path included)."""
+
+
 @dataclass
 class ModelStatus:
     """The JSON stored in ``model_status:{<name>}``."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio as aredis
@@ -27,8 +27,10 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelPool
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -71,15 +73,20 @@ class RedisTarget:
         return mask_password(self.url)
 
 
+_USERINFO_PASSWORD = re.compile(r"^([a-z0-9+.-]+://[^:@/?#]*):[^/?#]*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&#]*", re.IGNORECASE)
+
+
 def mask_password(url: str) -> str:
-    """``url`` with the password of its userinfo replaced by ``***``."""
-    return re.sub(r"^([a-z+]+://[^:@/]*):[^@/]+@", r"\1:***@", url)
+    """``url`` with its passwords (userinfo, ``?password=``, ``?sentinel_password=``) masked."""
+    url = _USERINFO_PASSWORD.sub(r"\1:***@", url)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def parse_redis_url(url: str) -> RedisTarget:
     """Parse and validate a Redis URL; raise :class:`ConfigError` on anything malformed."""
     if "://" not in url:
-        raise ConfigError(f"invalid Redis URL {url!r}: expected scheme://…")
+        raise ConfigError(f"invalid Redis URL {mask_password(url)!r}: expected scheme://…")
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
     if scheme not in _SCHEMES:
@@ -93,6 +100,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         rest, qs = rest.split("?", 1)
         query = {k: v[-1] for k, v in parse_qs(qs).items()}
     if kind == "standalone":
+        _check_standalone(url, scheme)
         return RedisTarget(url=url, kind=kind, tls=tls, options=query)
 
     netloc, _, path = rest.partition("/")
@@ -101,22 +109,23 @@ def parse_redis_url(url: str) -> RedisTarget:
         userinfo, netloc = netloc.rsplit("@", 1)
         user, _, pw = userinfo.partition(":")
         username, password = (unquote(user) or None), (unquote(pw) or None)
+    shown = mask_password(url)
     nodes = []
     for part in netloc.split(","):
         host, _, port = part.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"invalid Redis URL {url!r}: expected host:port, got {part!r}")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"invalid Redis URL {shown!r}: expected host:port, got {part!r}")
         nodes.append((host.strip("[]"), int(port)))
     segments = [s for s in path.split("/") if s]
     master = None
     db = 0
     if kind == "sentinel":
         if not segments:
-            raise ConfigError(f"invalid Redis URL {url!r}: missing /<master-name>")
+            raise ConfigError(f"invalid Redis URL {shown!r}: missing /<master-name>")
         master = segments.pop(0)
     if segments:
         if kind == "cluster" or len(segments) > 1 or not segments[0].isdigit():
-            raise ConfigError(f"invalid Redis URL {url!r}: unexpected path /{'/'.join(segments)}")
+            raise ConfigError(f"invalid Redis URL {shown!r}: unexpected path /{'/'.join(segments)}")
         db = int(segments[0])
     return RedisTarget(
         url=url,
@@ -129,6 +138,33 @@ def parse_redis_url(url: str) -> RedisTarget:
         password=password,
         options=query,
     )
+
+
+def _check_standalone(url: str, scheme: str) -> None:
+    """Reject what redis-py would only reject later, with a less helpful error."""
+    shown = mask_password(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {shown!r}: {exc}") from None
+    if scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"invalid Redis URL {shown!r}: expected unix:///path/to/socket")
+        return
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"invalid Redis URL {shown!r}: unexpected path {parts.path}")
+
+
+class _ClosingAsyncSentinelPool(AsyncSentinelPool):
+    """Also closes the Sentinel clients when the master's client is closed: nothing else can,
+    and their open asyncio connections would otherwise leak (ResourceWarning)."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.aclose()
 
 
 def _common_kwargs(settings: Settings) -> dict[str, Any]:
@@ -152,6 +188,7 @@ def _build(target: RedisTarget, settings: Settings, *, asyncio: bool) -> Any:
         cluster_cls: Any = AsyncRedisCluster
         node_cls: Any = AsyncClusterNode
         retry: Any = AsyncRetry(_backoff(), settings.redis_retries)
+        sentinel_retry: Any = AsyncRetry(NoBackoff(), 0)
     else:
         redis_cls, sentinel_cls, cluster_cls, node_cls = (
             redis.Redis,
@@ -160,17 +197,21 @@ def _build(target: RedisTarget, settings: Settings, *, asyncio: bool) -> Any:
             ClusterNode,
         )
         retry = Retry(_backoff(), settings.redis_retries)
+        sentinel_retry = Retry(NoBackoff(), 0)
     if target.kind == "standalone":
         return redis_cls.from_url(target.url, retry=retry, **kwargs)
     auth = {"username": target.username, "password": target.password}
     if target.kind == "sentinel":
-        sentinel_kwargs = {**kwargs, "ssl": target.tls}
+        # No retries per Sentinel (redis-py's default is 3, backing off up to 10 s each): the
+        # master's own retries already ask the Sentinels again, so a dead one fails fast.
+        sentinel_kwargs = {**kwargs, "ssl": target.tls, "retry": sentinel_retry}
         if "sentinel_password" in target.options:
             sentinel_kwargs["password"] = target.options["sentinel_password"]
         sentinel = sentinel_cls(
             list(target.nodes), sentinel_kwargs=sentinel_kwargs, ssl=target.tls, **kwargs
         )
-        return sentinel.master_for(target.master, db=target.db, retry=retry, **auth)
+        pool = {"connection_pool_class": _ClosingAsyncSentinelPool} if asyncio else {}
+        return sentinel.master_for(target.master, db=target.db, retry=retry, **auth, **pool)
     nodes = [node_cls(host, port) for host, port in target.nodes]
     return cluster_cls(startup_nodes=nodes, retry=retry, ssl=target.tls, **auth, **kwargs)
 
@@ -201,10 +242,11 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRed
     """Resolve the URL, build a sync client and check it answers ``PING``."""
     url = resolve_url(settings, start=start_embedded)
     target = parse_redis_url(url)
-    client = make_sync_client(target, settings)
     try:
+        # a cluster client connects (and may fail) while it is built, with its own exception
+        client = make_sync_client(target, settings)
         client.ping()
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         raise RedisUnavailableError(target.display, _reason(exc)) from exc
     return client, target
 

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from yichui.errors import EmbeddedRedisError
 
@@ -93,7 +95,17 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """An exited server not yet reaped: its parent is init (or whatever subreaper adopted the
+    daemon), which in a container may reap late or never, so it must count as dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (not Linux), or already reaped
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 class EmbeddedRedis:
@@ -149,7 +161,7 @@ class EmbeddedRedis:
         """Shut the server down (AOF flushed); False if it was not running."""
         with self._locked():
             info = self.read_info()
-            if info is None or not _pid_alive(info.pid):
+            if info is None or not _pid_alive(info.pid) or not self._is_server(info):
                 self.state_file.unlink(missing_ok=True)
                 return False
             with contextlib.suppress(redis.RedisError):
@@ -180,7 +192,21 @@ class EmbeddedRedis:
             password=info.password,
             socket_connect_timeout=1.0,
             socket_timeout=2.0,
+            # no retries: redis-py's default (3, backing off ~1-10 s) made every probe of a
+            # stopped server, and SHUTDOWN itself (the server hangs up), take seconds
+            retry=Retry(NoBackoff(), 0),
         )
+
+    def _is_server(self, info: EmbeddedInfo) -> bool:
+        """Whether ``info.pid`` is still a redis-server, not a process that reused a dead one's
+        pid (which :meth:`stop` must never signal)."""
+        if self._answers(info):
+            return True
+        try:
+            cmdline = Path(f"/proc/{info.pid}/cmdline").read_bytes()
+        except OSError:
+            return True  # no /proc to ask: assume it is (a hung server must still be stopped)
+        return b"redis" in cmdline
 
     def _answers(self, info: EmbeddedInfo) -> bool:
         try:

@@ -39,12 +39,14 @@ class Keys:
         return self._k("model_lock", "{" + name + "}")
 
     def model_index(self) -> str:
-        """HASH, name -> compact JSON summary of every model in the root: the listing."""
-        return self._k("model_index")
+        """HASH, name -> JSON status of every model found in the root. Shares a slot with
+        :meth:`model_listing`, which is rebuilt from it in the same Lua script."""
+        return self._k("model_index", "{models}")
 
-    def model_index_meta(self) -> str:
-        """STRING, JSON ``{"built_at", "root"}``: when the index was last rebuilt from disk."""
-        return self._k("model_index_meta")
+    def model_listing(self) -> str:
+        """STRING, the whole index as one JSON array sorted by name: one GET answers a listing.
+        Absent until a full walk of the root built the index."""
+        return self._k("model_listing", "{models}")
 
     def model_events(self) -> str:
         """Pub/sub channel: JSON events ``{"event", "name", ...}`` on pull, import, rm."""

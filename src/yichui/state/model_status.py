@@ -2,10 +2,11 @@
 
 ``model_status:{<name>}`` holds one model's status as JSON with a jittered TTL, written with
 ``SET … EX`` (value and expiry in one atomic command). ``model_index`` is a hash of every model
-found in the models root (name -> the same JSON), which answers listings without touching the
-disk; ``model_index_meta`` says when it was last rebuilt. Events go to the ``model_events``
-channel. All Redis errors surface as :class:`~yichui.errors.StateError` so callers can fall back
-to the disk.
+found in the models root (name -> the same JSON); ``model_listing`` is that hash as one sorted
+JSON array, rebuilt by the same Lua script that changes the hash, so a listing is one GET and one
+JSON parse. The listing exists only once a full walk built the index. Events go to the
+``model_events`` channel. All Redis errors surface as :class:`~yichui.errors.StateError` so
+callers can fall back to the disk.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis
@@ -36,6 +37,48 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('DEL', KEYS[1])
 return 1
 """
+
+
+# Rebuild the listing blob from the index hash, sorted by lower-cased name.
+_REBUILD = """
+local function rebuild(index, listing)
+  local flat = redis.call('HGETALL', index)
+  local rows = {}
+  for i = 1, #flat, 2 do rows[#rows + 1] = {string.lower(flat[i]), flat[i], flat[i + 1]} end
+  table.sort(rows, function(a, b)
+    if a[1] == b[1] then return a[2] < b[2] end
+    return a[1] < b[1]
+  end)
+  local values = {}
+  for i, row in ipairs(rows) do values[i] = row[3] end
+  redis.call('SET', listing, '[' .. table.concat(values, ',') .. ']')
+end
+"""
+# KEYS[1] index, KEYS[2] listing; ARGV[1] name, ARGV[2] status JSON ('' removes the name).
+_INDEX_SET = (
+    _REBUILD
+    + """
+local changed = 0
+if ARGV[2] == '' then
+  changed = redis.call('HDEL', KEYS[1], ARGV[1])
+elseif redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  changed = 1
+end
+if changed == 1 and redis.call('EXISTS', KEYS[2]) == 1 then rebuild(KEYS[1], KEYS[2]) end
+return changed
+"""
+)
+# KEYS[1] index, KEYS[2] listing; ARGV: name, JSON, name, JSON, … (the whole root, from a walk)
+_INDEX_REPLACE = (
+    _REBUILD
+    + """
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+rebuild(KEYS[1], KEYS[2])
+return #ARGV / 2
+"""
+)
 
 
 def _state_errors(fn: Callable[P, T]) -> Callable[P, T]:
@@ -61,6 +104,7 @@ class ModelStatusStore:
         ttl: int,
         missing_ttl: int,
         jitter: float,
+        listing_fields: Sequence[str] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.client = client
@@ -70,6 +114,17 @@ class ModelStatusStore:
         self.jitter = jitter
         self.rng = rng or random.Random()
         self._commit = client.register_script(_COMMIT)
+        self._index_set = client.register_script(_INDEX_SET)
+        self._index_replace = client.register_script(_INDEX_REPLACE)
+        self._index_keys = [keys.model_index(), keys.model_listing()]
+        self.listing_fields = tuple(listing_fields) if listing_fields else None
+        """Fields of a status kept in the listing (all when None): fewer fields, faster lists,
+        and volatile ones (check times) left out so an unchanged model never rebuilds it."""
+
+    def _row(self, status: Mapping[str, Any]) -> bytes:
+        if self.listing_fields is None:
+            return dumps(status)
+        return dumps({k: status.get(k) for k in self.listing_fields})
 
     def _ttl_for(self, status: Mapping[str, Any]) -> int:
         base = self.ttl if status.get("exists") else self.missing_ttl
@@ -101,40 +156,32 @@ class ModelStatusStore:
         return ok
 
     def _index_ops(self, pipe: Any, name: str, status: Mapping[str, Any]) -> None:
-        if status.get("exists"):
-            pipe.hset(self.keys.model_index(), name, dumps(status))
-        else:
-            pipe.hdel(self.keys.model_index(), name)
+        value = self._row(status) if status.get("exists") else b""
+        self._index_set(keys=self._index_keys, args=[name, value], client=pipe)
 
     @_state_errors
-    def replace_all(self, statuses: Iterable[Mapping[str, Any]], root: str) -> int:
-        """Rebuild every entry and the index from a full scan, pipelined."""
-        index = self.keys.model_index()
+    def replace_all(self, statuses: Iterable[Mapping[str, Any]]) -> int:
+        """Rebuild every entry, the index and the listing from a full walk, pipelined."""
         found = {str(s["name"]): s for s in statuses}
-        stale = set(_decode_all(self.client.hkeys(index))) - found.keys()
+        stale = set(_decode_all(self.client.hkeys(self.keys.model_index()))) - found.keys()
         pipe = self.client.pipeline(transaction=False)
         for name, status in found.items():
-            raw = dumps(status)
-            pipe.set(self.keys.model_status(name), raw, ex=self._ttl_for(status))
-            pipe.hset(index, name, raw)
+            pipe.set(self.keys.model_status(name), dumps(status), ex=self._ttl_for(status))
         for name in stale:
-            pipe.hdel(index, name)
             pipe.delete(self.keys.model_status(name))
-        pipe.set(self.keys.model_index_meta(), dumps({"built_at": time.time(), "root": root}))
+        args = [part for name, status in found.items() for part in (name, self._row(status))]
+        self._index_replace(keys=self._index_keys, args=args, client=pipe)
         pipe.execute()
         return len(found)
 
     @_state_errors
-    def index(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-        """Every indexed status and the index's meta (one pipelined round trip)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.keys.model_index())
-        pipe.get(self.keys.model_index_meta())
-        entries, meta = pipe.execute()
-        parsed = {
-            (k.decode() if isinstance(k, bytes) else k): dict(loads(v)) for k, v in entries.items()
-        }
-        return parsed, (None if meta is None else dict(loads(meta)))
+    def listing(self) -> list[dict[str, Any]] | None:
+        """Every indexed model's listing row, sorted by name (one GET); None if never built."""
+        raw = self.client.get(self.keys.model_listing())
+        if raw is None:
+            return None
+        rows: list[dict[str, Any]] = loads(raw)
+        return rows
 
     @_state_errors
     def publish(self, event: str, name: str, **fields: Any) -> None:

@@ -1,0 +1,586 @@
+"""The Hugging Face Hub as a source, online or from a local Hugging Face cache.
+
+Online, the revision is resolved to a commit hash first, then ``snapshot_download`` fills the
+staging folder directly (``local_dir``), which resumes a previous partial attempt: files it
+already finished are skipped, ``.incomplete`` ones are continued.
+
+Offline (``HF_HUB_OFFLINE=1``), or when the hub cannot be reached, the snapshot is resolved
+from a Hugging Face cache (``~/.cache/huggingface/hub`` unless ``HF_HUB_CACHE`` or
+``cache_dir`` says otherwise) with ``local_files_only=True`` and its files are hard-linked
+(copied where a link is impossible) into the staging folder. This is how a model already in
+someone's HF cache is imported without any network.
+
+The SDK (the optional ``hub`` extra) is imported inside the methods, and every SDK exception
+is translated into a yichui error here.
+
+The helpers at the bottom (cache walking and linking, error classification) are shared with
+the ModelScope adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from yichui.errors import (
+    DownloadError,
+    MissingExtraError,
+    SourceNotFoundError,
+    SourceUnavailableError,
+    YichuiError,
+)
+from yichui.models.sources.base import Plan, ProgressFn, PullSpec, RemoteFile
+from yichui.models.sources.mirror import _copy_resumable
+
+if TYPE_CHECKING:
+    from yichui.config import Settings
+
+log = logging.getLogger(__name__)
+
+_TRUE = frozenset({"1", "ON", "YES", "TRUE"})  # what huggingface_hub accepts as "true"
+_TOKEN_HINT = "check the name; a private or gated repo needs YICHUI_HF_TOKEN"
+# Exception classes (by name, so no transport library is imported) that mean "could not
+# reach the server": httpx/httpx2 transport errors, requests' and the builtin ones.
+_UNREACHABLE = frozenset(
+    {
+        "TransportError",
+        "TimeoutException",
+        "ConnectionError",
+        "Timeout",
+        "TimeoutError",
+        "OfflineModeIsEnabled",
+    }
+)
+
+
+def _require_sdk() -> None:
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError("hub", "pulling from Hugging Face") from exc
+
+
+def hub_offline() -> bool:
+    """Whether Hugging Face offline mode is on, read at call time.
+
+    The SDK reads ``HF_HUB_OFFLINE`` once, at import; the environment is checked as well so
+    that setting it later in the process is honoured too.
+    """
+    from huggingface_hub import constants
+
+    probe = getattr(constants, "is_offline_mode", None)  # huggingface_hub >= 1.0
+    sdk = bool(probe()) if callable(probe) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    env = (os.environ.get("HF_HUB_OFFLINE") or "").strip().upper() in _TRUE
+    return sdk or env
+
+
+class HuggingFaceSource:
+    """Pulls ``org/name`` repositories from the Hugging Face Hub (or a mirror of it).
+
+    ``endpoint`` is a mirror such as ``https://hf-mirror.example`` (default: the SDK's,
+    i.e. ``HF_ENDPOINT`` or huggingface.co); ``token`` a Hugging Face token (default: the
+    SDK's, i.e. ``HF_TOKEN`` or a stored login); ``cache_dir`` the Hugging Face cache read
+    when offline (default: the SDK's, ``HF_HUB_CACHE``); ``download_cache`` the ``cache_dir``
+    handed to online downloads, so they leave the user's own cache alone.
+    """
+
+    name = "huggingface"
+
+    def __init__(
+        self,
+        *,
+        endpoint: str | None = None,
+        token: str | None = None,
+        cache_dir: Path | None = None,
+        download_cache: Path | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self.token = token
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.download_cache = Path(download_cache) if download_cache is not None else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HuggingFaceSource:
+        """The source as configured: ``hf_endpoint``, ``hf_token``, ``data_dir/hf-cache``."""
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        return cls(
+            endpoint=settings.hf_endpoint,
+            token=token or None,
+            download_cache=settings.data_dir / "hf-cache",
+        )
+
+    # -- the ModelSource interface -------------------------------------------------------
+
+    def plan(self, spec: PullSpec) -> Plan:
+        """Resolve the revision to a commit and list the wanted files; writes nothing.
+
+        Online this costs two API calls (``repo_info``, ``list_repo_tree``); offline, or when
+        the hub is unreachable, the plan describes what the local cache would provide.
+        """
+        _require_sdk()
+        spec = normalize_patterns(spec)
+        if not hub_offline():
+            try:
+                commit, files = self._listing(spec)
+            except SourceUnavailableError as exc:
+                return self._cached_plan(spec, unreachable=exc)
+            return Plan(self.name, spec.repo, commit, self._wanted(spec, files, commit))
+        return self._cached_plan(spec, unreachable=None)
+
+    def fetch(self, spec: PullSpec, dest: Path, progress: ProgressFn | None = None) -> str | None:
+        """Download into ``dest`` (resuming what is there); return the commit hash."""
+        _require_sdk()
+        from huggingface_hub import snapshot_download
+
+        spec = normalize_patterns(spec)
+        if hub_offline():
+            return self._fetch_cached(spec, dest, progress, unreachable=None)
+        try:
+            commit, files = self._listing(spec)
+        except SourceUnavailableError as exc:
+            return self._fetch_cached(spec, dest, progress, unreachable=exc)
+        wanted = self._wanted(spec, files, commit)
+        total = sum(f.size or 0 for f in wanted)
+        already = sum(f.size or 0 for f in wanted if is_complete(dest / f.path, f.size))
+        try:
+            # A commit hash as revision: the SDK skips its own revision lookup, and every file
+            # comes from the same commit even if the branch moves meanwhile.
+            snapshot_download(
+                spec.repo,
+                revision=commit,
+                local_dir=dest,
+                cache_dir=self.download_cache,
+                allow_patterns=list(spec.include) or None,
+                ignore_patterns=list(spec.exclude) or None,
+                token=self.token,
+                endpoint=self.endpoint,
+                tqdm_class=cast(Any, _progress_bars(progress, already, total)),
+            )
+        except Exception as exc:
+            raise self._translate(exc, spec) from exc
+        # When the file listing fails mid-way the SDK returns a non-empty local_dir as it is
+        # (logging a warning), so completeness is checked here rather than assumed.
+        missing = [f.path for f in wanted if not is_complete(dest / f.path, f.size)]
+        if missing:
+            raise SourceUnavailableError(
+                f"the pull of {spec.repo!r} stopped with {len(missing)} file(s) missing "
+                f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})",
+                name=spec.repo,
+                source=self.name,
+                hint="run the pull again: it resumes where it stopped",
+            )
+        return commit
+
+    # -- online --------------------------------------------------------------------------
+
+    def _listing(self, spec: PullSpec) -> tuple[str, list[RemoteFile]]:
+        """The commit ``spec.revision`` points at, and every file of the repo at that commit."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoFile
+
+        api = HfApi(endpoint=self.endpoint, token=self.token)
+        try:
+            info = api.repo_info(spec.repo, revision=spec.revision)
+            # A mirror may leave the commit out: the revision as asked for is the next best.
+            commit = info.sha or spec.revision or "main"
+            entries = api.list_repo_tree(spec.repo, recursive=True, revision=commit)
+            files = [RemoteFile(e.path, e.size) for e in entries if isinstance(e, RepoFile)]
+        except Exception as exc:
+            raise self._translate(exc, spec) from exc
+        return commit, files
+
+    def _wanted(self, spec: PullSpec, files: list[RemoteFile], commit: str) -> list[RemoteFile]:
+        wanted = [f for f in files if spec.wants(f.path)]
+        if not wanted:
+            raise SourceNotFoundError(
+                f"no file of {spec.repo!r} at {commit[:12]} matches the include/exclude patterns",
+                name=spec.repo,
+                source=self.name,
+            )
+        return wanted
+
+    def _where(self) -> str:
+        return self.endpoint or "the Hugging Face Hub"
+
+    def _translate(self, exc: BaseException, spec: PullSpec) -> YichuiError:
+        """The yichui error for an exception the SDK raised (a yichui one passes through)."""
+        for link in error_chain(exc):
+            if isinstance(link, YichuiError):  # e.g. the progress callback's lost lock
+                return link
+        names = class_names(exc)
+        repo, where = spec.repo, self._where()
+        rev = f" at revision {spec.revision!r}" if spec.revision else ""
+
+        def not_found(message: str, hint: str | None = None) -> SourceNotFoundError:
+            return SourceNotFoundError(message, name=repo, source=self.name, hint=hint)
+
+        def unavailable(message: str, hint: str | None = None) -> SourceUnavailableError:
+            return SourceUnavailableError(message, name=repo, source=self.name, hint=hint)
+
+        if "GatedRepoError" in names:
+            return not_found(
+                f"{repo!r} is gated on {where}",
+                hint="accept its conditions on the model page, then set YICHUI_HF_TOKEN",
+            )
+        if "RepositoryNotFoundError" in names:
+            return not_found(f"{repo!r} does not exist on {where} (or it is private)", _TOKEN_HINT)
+        if "RevisionNotFoundError" in names:
+            return not_found(
+                f"{repo!r} has no revision {spec.revision!r} on {where}",
+                hint="use a branch, a tag or a full 40-character commit hash of the repo",
+            )
+        if "EntryNotFoundError" in names:
+            return not_found(f"a file of {repo!r}{rev} disappeared from {where} during the pull")
+        if "HFValidationError" in names:
+            return not_found(f"{repo!r} is not a valid Hugging Face repo id: {first_line(exc)}")
+        if "HfHubHTTPError" in names:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                return not_found(f"{where} refused access to {repo!r} (HTTP {status})", _TOKEN_HINT)
+            if status == 404:  # a mirror that does not say what is missing
+                return not_found(f"{where} has no {repo!r}{rev} (HTTP 404)", _TOKEN_HINT)
+            return unavailable(
+                f"{where} answered HTTP {status} for {repo!r}",
+                hint="the hub may be down or rate-limiting: retry later",
+            )
+        if is_unreachable(exc):
+            return unavailable(
+                f"cannot reach {where}: {first_line(exc)}",
+                hint="check the network or YICHUI_HF_ENDPOINT; with HF_HUB_OFFLINE=1 the local "
+                "Hugging Face cache is used instead",
+            )
+        if "LocalEntryNotFoundError" in names:  # a file neither reachable nor in the cache
+            return unavailable(
+                f"cannot fetch a file of {repo!r}{rev} from {where}: {first_line(exc)}"
+            )
+        if isinstance(exc, OSError):
+            return DownloadError(f"writing {repo!r} failed: {exc.strerror or exc}", name=repo)
+        return unavailable(f"Hugging Face download failed: {type(exc).__name__}: {first_line(exc)}")
+
+    # -- offline: a local Hugging Face cache -----------------------------------------------
+
+    def _hf_cache(self) -> Path:
+        from huggingface_hub import constants
+
+        return self.cache_dir or Path(constants.HF_HUB_CACHE)
+
+    def _cached(
+        self, spec: PullSpec, unreachable: SourceUnavailableError | None
+    ) -> tuple[str, Path, list[RemoteFile]]:
+        """(commit, snapshot folder, wanted files) of ``spec`` in the local cache."""
+        from huggingface_hub import snapshot_download
+
+        cache = self._hf_cache()
+        try:
+            # local_files_only: resolve refs/<revision> (or take a commit hash as is) and
+            # return snapshots/<commit>, raising if it is absent or, when the SDK kept a file
+            # listing for that commit, incomplete. Never touches the network.
+            folder = Path(
+                snapshot_download(
+                    spec.repo,
+                    revision=spec.revision,
+                    cache_dir=cache,
+                    local_files_only=True,
+                    allow_patterns=list(spec.include) or None,
+                    ignore_patterns=list(spec.exclude) or None,
+                )
+            )
+        except Exception as exc:
+            raise self._not_cached(exc, spec, cache, unreachable) from exc
+        files = [f for f in snapshot_files(folder) if spec.wants(f.path)]
+        if not files:
+            raise self._offline_error(
+                f"the cached snapshot of {spec.repo!r} in {cache} has no file matching the "
+                "include/exclude patterns",
+                spec,
+                unreachable,
+            )
+        return folder.name, folder, files
+
+    def _cached_plan(self, spec: PullSpec, unreachable: SourceUnavailableError | None) -> Plan:
+        commit, _, files = self._cached(spec, unreachable)
+        return Plan(self.name, spec.repo, commit, files)
+
+    def _fetch_cached(
+        self,
+        spec: PullSpec,
+        dest: Path,
+        progress: ProgressFn | None,
+        unreachable: SourceUnavailableError | None,
+    ) -> str:
+        commit, folder, files = self._cached(spec, unreachable)
+        if unreachable is not None:
+            log.warning("%s; using the local Hugging Face cache instead", unreachable.message)
+        place_files(folder, files, dest, progress, name=spec.repo)
+        return commit
+
+    def _not_cached(
+        self,
+        exc: BaseException,
+        spec: PullSpec,
+        cache: Path,
+        unreachable: SourceUnavailableError | None,
+    ) -> YichuiError:
+        names = class_names(exc)
+        if isinstance(exc, YichuiError):
+            return exc
+        if "HFValidationError" in names or isinstance(exc, ValueError):
+            return self._translate(exc, spec)
+        revision = spec.revision or "main"
+        if "IncompleteSnapshotError" in names:
+            what = (
+                f"the cached snapshot of {spec.repo!r} ({revision}) in {cache} is incomplete: "
+                f"{first_line(exc)}"
+            )
+        else:
+            storage = cache / ("models--" + spec.repo.replace("/", "--"))
+            if storage.is_dir():
+                cached = _cached_revisions(storage)
+                what = (
+                    f"revision {revision!r} of {spec.repo!r} is not in the local Hugging Face "
+                    f"cache {cache} (cached: {', '.join(cached) or 'nothing'})"
+                )
+            else:
+                what = f"{spec.repo!r} is not in the local Hugging Face cache {cache}"
+        return self._offline_error(what, spec, unreachable)
+
+    def _offline_error(
+        self, what: str, spec: PullSpec, unreachable: SourceUnavailableError | None
+    ) -> YichuiError:
+        if unreachable is not None:
+            # The hub is down or unreachable: the model may well exist, so "unavailable".
+            return SourceUnavailableError(
+                f"{unreachable.message}, and {what}",
+                name=spec.repo,
+                source=self.name,
+                hint=unreachable.hint,
+            )
+        # Offline on purpose: the cache is the whole source, and it does not have it.
+        return SourceNotFoundError(
+            f"offline (HF_HUB_OFFLINE is set): {what}",
+            name=spec.repo,
+            source=self.name,
+            hint=f"download it into the cache first (`hf download {spec.repo}`), point "
+            "HF_HUB_CACHE at a cache that has it, or unset HF_HUB_OFFLINE",
+        )
+
+
+def _cached_revisions(storage: Path) -> list[str]:
+    """``ref (commit…)`` for each cached ref, then the snapshots no ref points at."""
+    out: list[str] = []
+    named: set[str] = set()
+    refs = storage / "refs"
+    if refs.is_dir():
+        for ref in sorted(p for p in refs.rglob("*") if p.is_file()):
+            commit = ref.read_text().strip()
+            named.add(commit)
+            out.append(f"{ref.relative_to(refs).as_posix()} ({commit[:12]})")
+    snapshots = storage / "snapshots"
+    if snapshots.is_dir():
+        out += sorted(p.name[:12] for p in snapshots.iterdir() if p.name not in named)
+    return out
+
+
+class _Counter:
+    """Bytes done out of a total, for one fetch; updated from the SDK's worker threads."""
+
+    def __init__(self, progress: ProgressFn | None, done: int, total: int) -> None:
+        self.progress = progress
+        self.done = done
+        self.total = total
+        self.lock = threading.Lock()
+
+    def advance(self, step: int) -> None:
+        with self.lock:
+            self.done += step
+            done = min(self.done, self.total) if self.total else self.done
+        if self.progress is not None:
+            # May raise (the pull lost its lock): the SDK re-raises it from snapshot_download.
+            self.progress(done, self.total or None)
+
+
+class _ProgressBar:
+    """Stands in for the ``tqdm`` class ``snapshot_download`` accepts, feeding a ProgressFn.
+
+    The SDK creates several bars from it: one counting files, one for the bytes received from
+    the network, and one for the bytes written, into which it aggregates every file's
+    updates. Only the last is reported: it is the one that adds up to the files' sizes.
+    """
+
+    counter: ClassVar[_Counter]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.desc = str(kwargs.get("desc") or "")
+        # "Downloading bytes" is the network-transfer bar (compressed, deduplicated bytes).
+        self.reports = kwargs.get("unit") == "B" and "bytes" not in self.desc
+        self.n: int = kwargs.get("initial") or 0
+        self.total: int | None = kwargs.get("total")
+        self.format_dict: dict[str, Any] = {}
+        if self.reports and self.n:
+            self.counter.advance(self.n)
+
+    def update(self, n: float | None = 1) -> bool:
+        step = int(n or 0)
+        self.n += step
+        if self.reports and step:
+            self.counter.advance(step)
+        return True
+
+    def refresh(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to draw."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        """Ignored."""
+
+    def set_description_str(self, desc: str | None = None, refresh: bool = True) -> None:
+        """Ignored."""
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        """Ignored."""
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress_bars(progress: ProgressFn | None, done: int, total: int) -> type[_ProgressBar]:
+    """A ``_ProgressBar`` class bound to this one fetch's counter (the SDK wants a class)."""
+    return type("_FetchProgressBar", (_ProgressBar,), {"counter": _Counter(progress, done, total)})
+
+
+# -- helpers shared with the ModelScope adapter ----------------------------------------------
+
+
+def normalize_patterns(spec: PullSpec) -> PullSpec:
+    """``spec`` with ``dir/`` patterns written ``dir/*``, as both hub SDKs read them.
+
+    This keeps :meth:`PullSpec.wants` (plain ``fnmatch``) in step with what the SDKs fetch.
+    """
+
+    def fix(patterns: Sequence[str]) -> tuple[str, ...]:
+        return tuple(p + "*" if p.endswith("/") else p for p in patterns)
+
+    return replace(spec, include=fix(spec.include), exclude=fix(spec.exclude))
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, nearest first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def class_names(exc: BaseException) -> set[str]:
+    """Names of the classes ``exc`` is an instance of (SDK errors are matched by name)."""
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) means the server could not be reached."""
+    return any(
+        isinstance(link, ConnectionError | TimeoutError) or class_names(link) & _UNREACHABLE
+        for link in error_chain(exc)
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (SDK messages run to several paragraphs)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def snapshot_files(folder: Path, *, skip_hidden: bool = False) -> list[RemoteFile]:
+    """Every file under a cached snapshot, following file symlinks (HF's point at blobs).
+
+    Symlinked directories are not followed (a cache never needs them, and a loop would never
+    end); dangling links, the remains of a damaged cache, are left out.
+    """
+    out: list[RemoteFile] = []
+    stack = [(folder, "")]
+    while stack:
+        current, prefix = stack.pop()
+        with os.scandir(current) as it:
+            for entry in it:
+                if skip_hidden and entry.name.startswith("."):
+                    continue
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((Path(entry.path), rel + "/"))
+                elif entry.is_file(follow_symlinks=True):
+                    out.append(RemoteFile(rel, entry.stat(follow_symlinks=True).st_size))
+    out.sort(key=lambda f: f.path)
+    return out
+
+
+def place_files(
+    src_root: Path,
+    files: Sequence[RemoteFile],
+    dest: Path,
+    progress: ProgressFn | None,
+    *,
+    name: str,
+) -> None:
+    """Hard-link (else copy) ``files`` from a cached snapshot into ``dest``, resumably.
+
+    A hard link costs neither space nor time. Sharing the inode with the cache blob is safe as
+    long as nobody writes into a model file in place: the SDKs and the copy fallback never do
+    (they write a new file and rename it over the old one), and cache blobs are immutable. Each link
+    replaces whatever an earlier attempt left at that path, since a file of the same size
+    may still be another revision's. Across filesystems (a models root on a NAS), or where
+    links are refused, the file is copied through a ``.part`` file that a later attempt
+    continues, and a file already there with the right size is kept.
+    """
+    total, done = sum(f.size or 0 for f in files), 0
+    for f in files:
+        src = (src_root / f.path).resolve()
+        dst = dest / f.path
+        if not _link(src, dst):
+            try:
+                done = _copy_resumable(src, dst, done, total, progress)
+            except DownloadError as exc:
+                raise DownloadError(exc.message, name=name) from exc
+            continue
+        done += f.size or 0
+        if progress:
+            progress(done, total)
+
+
+def _link(src: Path, dst: Path) -> bool:
+    """Make ``dst`` a hard link to ``src``; False where the filesystem will not."""
+    try:
+        if dst.exists() and os.path.samefile(src, dst):
+            return True
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, dst)  # atomic: dst is either the old file or the complete new one
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    dst.with_name(dst.name + ".part").unlink(missing_ok=True)  # a copy the link supersedes
+    return True
+
+
+def is_complete(path: Path, size: int | None) -> bool:
+    """Whether ``path`` is a file of ``size`` bytes (of any size when that is unknown)."""
+    try:
+        return path.is_file() and (size is None or path.stat().st_size == size)
+    except OSError:
+        return False
