@@ -13,8 +13,6 @@ someone's HF cache is imported without any network.
 The SDK (the optional ``hub`` extra) is imported inside the methods, and every SDK exception
 is translated into a yichui error here.
 
-The helpers at the bottom (cache walking and linking, error classification) are shared with
-the ModelScope adapter.
 """
 
 from __future__ import annotations
@@ -22,8 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -35,7 +31,16 @@ from yichui.errors import (
     YichuiError,
 )
 from yichui.models.sources.base import Plan, ProgressFn, PullSpec, RemoteFile
-from yichui.models.sources.mirror import _copy_resumable
+from yichui.models.sources.files import (
+    class_names,
+    error_chain,
+    first_line,
+    is_complete,
+    is_unreachable,
+    normalize_patterns,
+    place_files,
+    snapshot_files,
+)
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -44,18 +49,6 @@ log = logging.getLogger(__name__)
 
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})  # what huggingface_hub accepts as "true"
 _TOKEN_HINT = "check the name; a private or gated repo needs YICHUI_HF_TOKEN"
-# Exception classes (by name, so no transport library is imported) that mean "could not
-# reach the server": httpx/httpx2 transport errors, requests' and the builtin ones.
-_UNREACHABLE = frozenset(
-    {
-        "TransportError",
-        "TimeoutException",
-        "ConnectionError",
-        "Timeout",
-        "TimeoutError",
-        "OfflineModeIsEnabled",
-    }
-)
 
 
 def _require_sdk() -> None:
@@ -456,131 +449,3 @@ class _ProgressBar:
 def _progress_bars(progress: ProgressFn | None, done: int, total: int) -> type[_ProgressBar]:
     """A ``_ProgressBar`` class bound to this one fetch's counter (the SDK wants a class)."""
     return type("_FetchProgressBar", (_ProgressBar,), {"counter": _Counter(progress, done, total)})
-
-
-# -- helpers shared with the ModelScope adapter ----------------------------------------------
-
-
-def normalize_patterns(spec: PullSpec) -> PullSpec:
-    """``spec`` with ``dir/`` patterns written ``dir/*``, as both hub SDKs read them.
-
-    This keeps :meth:`PullSpec.wants` (plain ``fnmatch``) in step with what the SDKs fetch.
-    """
-
-    def fix(patterns: Sequence[str]) -> tuple[str, ...]:
-        return tuple(p + "*" if p.endswith("/") else p for p in patterns)
-
-    return replace(spec, include=fix(spec.include), exclude=fix(spec.exclude))
-
-
-def error_chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from or during, nearest first."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def class_names(exc: BaseException) -> set[str]:
-    """Names of the classes ``exc`` is an instance of (SDK errors are matched by name)."""
-    return {cls.__name__ for cls in type(exc).__mro__}
-
-
-def is_unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) means the server could not be reached."""
-    return any(
-        isinstance(link, ConnectionError | TimeoutError) or class_names(link) & _UNREACHABLE
-        for link in error_chain(exc)
-    )
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (SDK messages run to several paragraphs)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def snapshot_files(folder: Path, *, skip_hidden: bool = False) -> list[RemoteFile]:
-    """Every file under a cached snapshot, following file symlinks (HF's point at blobs).
-
-    Symlinked directories are not followed (a cache never needs them, and a loop would never
-    end); dangling links, the remains of a damaged cache, are left out.
-    """
-    out: list[RemoteFile] = []
-    stack = [(folder, "")]
-    while stack:
-        current, prefix = stack.pop()
-        with os.scandir(current) as it:
-            for entry in it:
-                if skip_hidden and entry.name.startswith("."):
-                    continue
-                rel = prefix + entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((Path(entry.path), rel + "/"))
-                elif entry.is_file(follow_symlinks=True):
-                    out.append(RemoteFile(rel, entry.stat(follow_symlinks=True).st_size))
-    out.sort(key=lambda f: f.path)
-    return out
-
-
-def place_files(
-    src_root: Path,
-    files: Sequence[RemoteFile],
-    dest: Path,
-    progress: ProgressFn | None,
-    *,
-    name: str,
-) -> None:
-    """Hard-link (else copy) ``files`` from a cached snapshot into ``dest``, resumably.
-
-    A hard link costs neither space nor time. Sharing the inode with the cache blob is safe as
-    long as nobody writes into a model file in place: the SDKs and the copy fallback never do
-    (they write a new file and rename it over the old one), and cache blobs are immutable. Each link
-    replaces whatever an earlier attempt left at that path, since a file of the same size
-    may still be another revision's. Across filesystems (a models root on a NAS), or where
-    links are refused, the file is copied through a ``.part`` file that a later attempt
-    continues, and a file already there with the right size is kept.
-    """
-    total, done = sum(f.size or 0 for f in files), 0
-    for f in files:
-        src = (src_root / f.path).resolve()
-        dst = dest / f.path
-        if not _link(src, dst):
-            try:
-                done = _copy_resumable(src, dst, done, total, progress)
-            except DownloadError as exc:
-                raise DownloadError(exc.message, name=name) from exc
-            continue
-        done += f.size or 0
-        if progress:
-            progress(done, total)
-
-
-def _link(src: Path, dst: Path) -> bool:
-    """Make ``dst`` a hard link to ``src``; False where the filesystem will not."""
-    try:
-        if dst.exists() and os.path.samefile(src, dst):
-            return True
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-        tmp.unlink(missing_ok=True)
-        os.link(src, tmp)
-    except OSError:
-        return False
-    try:
-        os.replace(tmp, dst)  # atomic: dst is either the old file or the complete new one
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        return False
-    dst.with_name(dst.name + ".part").unlink(missing_ok=True)  # a copy the link supersedes
-    return True
-
-
-def is_complete(path: Path, size: int | None) -> bool:
-    """Whether ``path`` is a file of ``size`` bytes (of any size when that is unknown)."""
-    try:
-        return path.is_file() and (size is None or path.stat().st_size == size)
-    except OSError:
-        return False

@@ -6,15 +6,13 @@ continued from where it stopped.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from yichui.errors import DownloadError, SourceNotFoundError, SourceUnavailableError
+from yichui.errors import SourceNotFoundError, SourceUnavailableError
 from yichui.models.names import model_dir
 from yichui.models.sources.base import Plan, ProgressFn, PullSpec, RemoteFile
+from yichui.models.sources.files import copy_resumable
 from yichui.models.status import fingerprint, iter_files, read_manifest
-
-CHUNK = 4 << 20
 
 
 class MirrorSource:
@@ -53,38 +51,5 @@ class MirrorSource:
         src = self._folder(spec)
         total, done = plan.size, 0
         for f in plan.files:
-            done = _copy_resumable(src / f.path, dest / f.path, done, total, progress)
+            done = copy_resumable(src / f.path, dest / f.path, done, total, progress)
         return plan.revision
-
-
-def _copy_resumable(
-    src: Path, dst: Path, done: int, total: int, progress: ProgressFn | None
-) -> int:
-    size = src.stat().st_size
-    if dst.exists() and dst.stat().st_size == size:
-        done += size
-        if progress:
-            progress(done, total)
-        return done
-    part = dst.with_name(dst.name + ".part")
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > size:
-            offset = 0
-        with open(src, "rb") as fin, open(part, "ab" if offset else "wb") as fout:
-            fin.seek(offset)
-            done += offset
-            while block := fin.read(CHUNK):
-                fout.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(part, dst)
-    except OSError as exc:
-        raise DownloadError(
-            f"copying {src.name} failed: {exc.strerror or exc}", name=str(dst.parent)
-        ) from exc
-    return done

@@ -46,7 +46,7 @@ from yichui.errors import (
     YichuiError,
 )
 from yichui.models.sources.base import Plan, ProgressFn, PullSpec, RemoteFile
-from yichui.models.sources.huggingface import (
+from yichui.models.sources.files import (
     class_names,
     error_chain,
     first_line,
