@@ -16,6 +16,8 @@ from yichui.state.model_status import ModelStatusStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ["tests.hub_fixtures"]  # fake hub and SDK isolation fixtures
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:

@@ -237,6 +237,7 @@ def test_standalone_unix_socket(make_settings: MakeSettings, secured_server: Sec
     try:
         assert target.kind == "standalone"
         assert "s3cret" not in target.display
+        assert isinstance(client, redis.Redis)
         client.set("via", "socket")
         assert client.get("via") == b"socket"
         assert client.connection_pool.connection_kwargs["path"] == str(sock)

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from yichui.cli.output import JsonOpt, console, print_json
-from yichui.errors import ConfigError
+from yichui.errors import ConfigError, RedisUnavailableError
 from yichui.runtime import Runtime
-from yichui.state.connection import make_sync_client, parse_redis_url
+from yichui.state.connection import parse_redis_url
 from yichui.state.embedded import EmbeddedInfo, EmbeddedRedis
 
 app = typer.Typer(help="Inspect, start and stop yichui's Redis.", no_args_is_help=True)
@@ -59,9 +59,11 @@ def status(ctx: typer.Context, json: bool = JsonOpt) -> None:
         target = parse_redis_url(rt.settings.redis_url)
         data: dict[str, Any] = {"mode": target.kind, "url": target.display}
         try:
-            client = make_sync_client(target, rt.settings)
+            client, _ = rt.redis()
             info = client.info("server")
             data.update(running=True, version=info.get("redis_version"))
+        except RedisUnavailableError as exc:
+            data.update(running=False, error=exc.reason)
         except redis.RedisError as exc:
             data.update(running=False, error=str(exc).splitlines()[0] if str(exc) else repr(exc))
     else:

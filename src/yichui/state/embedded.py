@@ -30,6 +30,8 @@ from redis.retry import Retry
 from yichui.errors import EmbeddedRedisError
 
 START_TIMEOUT = 15.0
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+"""Servers this process started: kept so their handles are never collected while they run."""
 STOP_TIMEOUT = 15.0
 
 
@@ -224,7 +226,7 @@ class EmbeddedRedis:
             "appendonly yes",
             "appendfsync everysec",
             'save ""',
-            "daemonize yes",
+            "daemonize no",
             f"pidfile {self.pid_file}",
             f"logfile {self.log_file}",
             f"requirepass {password}",
@@ -241,14 +243,17 @@ class EmbeddedRedis:
         for _ in range(3):  # a free port can be taken between our probe and the bind
             port = free_port()
             self._write_conf(port, password)
-            self.pid_file.unlink(missing_ok=True)
-            proc = subprocess.run(
-                [binary, str(self.conf_file)], capture_output=True, text=True, timeout=30
+            # Our own child in its own session (not `daemonize yes`): it outlives this process,
+            # and a server that fails to start (port taken meanwhile) is seen at once.
+            proc = subprocess.Popen(
+                [binary, str(self.conf_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
             )
-            if proc.returncode != 0:
-                last_error = (proc.stderr or proc.stdout).strip()
-                continue
-            info = self._wait_ready(binary, version, port, password)
+            info = self._wait_ready(proc, binary, version, port, password)
             if info is not None:
                 tmp = self.state_file.with_suffix(".tmp")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -263,21 +268,19 @@ class EmbeddedRedis:
         )
 
     def _wait_ready(
-        self, binary: str, version: str, port: int, password: str
+        self, proc: subprocess.Popen[bytes], binary: str, version: str, port: int, password: str
     ) -> EmbeddedInfo | None:
+        info = EmbeddedInfo("127.0.0.1", port, proc.pid, password, binary, version, time.time())
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            try:
-                pid = int(self.pid_file.read_text().strip())
-            except (OSError, ValueError):
-                pid = 0
-            if pid:
-                info = EmbeddedInfo("127.0.0.1", port, pid, password, binary, version, time.time())
-                if self._answers(info):
-                    return info
-                if not _pid_alive(pid):
-                    return None
+            if proc.poll() is not None:
+                return None
+            if self._answers(info):
+                _CHILDREN.append(proc)
+                return info
             time.sleep(0.05)
+        proc.kill()
+        proc.wait()
         return None
 
     def _log_tail(self) -> str:
