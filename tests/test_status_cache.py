@@ -163,3 +163,10 @@ def test_fingerprint_changes_with_weights(registry: ModelRegistry) -> None:
     st = (folder / "model.safetensors").stat()
     os.utime(folder / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert registry.status("fp", refresh=True).status.fingerprint != before
+
+
+def test_folders_with_unmanageable_names_are_not_listed(registry: ModelRegistry) -> None:
+    make_model(registry.root, "good")
+    make_model(registry.root, "bad name")
+    make_model(registry.root, "org/also bad")
+    assert [m["name"] for m in registry.listing().models] == ["good"]

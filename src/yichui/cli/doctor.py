@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from yichui.cli.output import JsonOpt, console, human_size, print_json
@@ -78,7 +79,7 @@ def doctor(ctx: typer.Context, json: bool = JsonOpt) -> None:
             mark = "[green]ok[/green]" if c.ok else "[red]FAIL[/red]"
             if not c.ok and not c.required:
                 mark = "[yellow]--[/yellow]"
-            table.add_row(mark, f"[bold]{c.name}[/bold]", c.detail)
+            table.add_row(mark, f"[bold]{escape(c.name)}[/bold]", escape(c.detail))
         console.print(table)
     if failed:
         raise typer.Exit(1)

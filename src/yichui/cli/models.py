@@ -217,7 +217,9 @@ def import_(
         typer.Argument(help="A .gguf file or a model folder. Default: the bundled SmolLM2."),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Model name to import as.")] = None,
-    replace: Annotated[bool, typer.Option(help="Replace a model of the same name.")] = False,
+    replace: Annotated[
+        bool, typer.Option(help="Import again even if the source is unchanged.")
+    ] = False,
     json: bool = JsonOpt,
 ) -> None:
     """Import a local GGUF file or model folder (converted to safetensors)."""

@@ -121,7 +121,16 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     folder, filename = str(gguf.parent), gguf.name
     tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
+    # the GGUF loader uses a bare tqdm bar; TQDM_DISABLE is its documented off switch
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     # the loaded weights are plain tensors now; saving must not claim a GGUF quantisation
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -147,6 +147,8 @@ def _move_into_place(staging: Path, final: Path, root: Path) -> None:
         old.parent.mkdir(parents=True, exist_ok=True)
         os.replace(final, old)
     os.replace(staging, final)
+    with contextlib.suppress(OSError):  # the shared staging parent, once nothing else is in it
+        staging.parent.rmdir()
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from yichui.config import Settings
-from yichui.errors import ModelNotFoundError, StateError
+from yichui.errors import InvalidModelNameError, ModelNotFoundError, StateError
 from yichui.models.names import model_dir, trash_dir, validate_name
 from yichui.models.status import (
     LISTING_FIELDS,
@@ -146,7 +146,7 @@ class ModelRegistry:
             try:
                 rows = self.store.listing()
             except StateError as exc:
-                return Listing(_rows(self.walk()), degraded=str(exc))
+                return Listing(_rows(m for m in self.walk() if m.exists), degraded=str(exc))
             if rows is not None:
                 return Listing(rows, cached=True)
         return self.rescan()
@@ -163,11 +163,13 @@ class ModelRegistry:
                 continue
             folder = Path(top.path)
             if is_model_folder(folder):
-                yield top.name, folder
+                if _valid(top.name):
+                    yield top.name, folder
                 continue
             for sub in sorted(os.scandir(folder), key=lambda e: e.name):
-                if not sub.name.startswith(".") and sub.is_dir():
-                    yield f"{top.name}/{sub.name}", Path(sub.path)
+                name = f"{top.name}/{sub.name}"
+                if not sub.name.startswith(".") and sub.is_dir() and _valid(name):
+                    yield name, Path(sub.path)
 
     # -- writes -----------------------------------------------------------------------------
     def rescan(self) -> Listing:
@@ -246,6 +248,15 @@ class ModelRegistry:
         report.ok = not (report.missing or report.changed)
         self._record(status)
         return report
+
+
+def _valid(name: str) -> bool:
+    """Folders whose names yichui would reject (spaces, …) are not models it can manage."""
+    try:
+        validate_name(name)
+    except InvalidModelNameError:
+        return False
+    return True
 
 
 def _rows(models: Iterable[ModelStatus]) -> list[dict[str, Any]]:

@@ -39,6 +39,9 @@ from yichui.errors import ConfigError, RedisUnavailableError
 if TYPE_CHECKING:
     from yichui.config import Settings
 
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+"""What a Redis failure can raise: cluster setup errors do not derive from ``RedisError``."""
+
 SyncRedis: TypeAlias = "redis.Redis | RedisCluster"
 AsyncRedis: TypeAlias = "aredis.Redis | AsyncRedisCluster"
 
@@ -246,7 +249,7 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRed
         # a cluster client connects (and may fail) while it is built, with its own exception
         client = make_sync_client(target, settings)
         client.ping()
-    except (redis.RedisError, RedisClusterException) as exc:
+    except REDIS_ERRORS as exc:
         raise RedisUnavailableError(target.display, _reason(exc)) from exc
     return client, target
 

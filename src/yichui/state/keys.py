@@ -39,7 +39,7 @@ class Keys:
         return self._k("model_lock", "{" + name + "}")
 
     def model_index(self) -> str:
-        """HASH, name -> JSON status of every model found in the root. Shares a slot with
+        """HASH, name -> JSON listing row of every model in the root. Shares a slot with
         :meth:`model_listing`, which is rebuilt from it in the same Lua script."""
         return self._k("model_index", "{models}")
 

@@ -12,9 +12,7 @@ import secrets
 import threading
 from types import TracebackType
 
-import redis
-
-from yichui.state.connection import SyncRedis
+from yichui.state.connection import REDIS_ERRORS, SyncRedis
 
 # KEYS[1] lock; ARGV[1] token, ARGV[2] lease in ms
 _RENEW = """
@@ -85,7 +83,7 @@ class LeaseLock:
             try:
                 if not self.renew():
                     return
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 continue  # transient: try again next tick, the lease still covers us
 
     def _stop_renewal(self) -> None:
@@ -104,5 +102,5 @@ class LeaseLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with contextlib.suppress(redis.RedisError):  # the lease will lapse on its own
+        with contextlib.suppress(*REDIS_ERRORS):  # the lease will lapse on its own
             self.release()

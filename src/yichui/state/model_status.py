@@ -2,7 +2,8 @@
 
 ``model_status:{<name>}`` holds one model's status as JSON with a jittered TTL, written with
 ``SET … EX`` (value and expiry in one atomic command). ``model_index`` is a hash of every model
-found in the models root (name -> the same JSON); ``model_listing`` is that hash as one sorted
+found in the models root (name -> its listing row: the status less volatile fields such as
+the check time); ``model_listing`` is that hash as one sorted
 JSON array, rebuilt by the same Lua script that changes the hash, so a listing is one GET and one
 JSON parse. The listing exists only once a full walk built the index. Events go to the
 ``model_events`` channel. All Redis errors surface as :class:`~yichui.errors.StateError` so
@@ -17,11 +18,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-import redis
-
 from yichui.errors import StateError
 from yichui.state.codec import dumps, jittered, loads
-from yichui.state.connection import SyncRedis
+from yichui.state.connection import REDIS_ERRORS, SyncRedis
 from yichui.state.keys import Keys
 
 P = ParamSpec("P")
@@ -86,7 +85,7 @@ def _state_errors(fn: Callable[P, T]) -> Callable[P, T]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise StateError(f"Redis error: {first}") from exc
 
@@ -138,11 +137,11 @@ class ModelStatusStore:
 
     @_state_errors
     def put(self, name: str, status: Mapping[str, Any]) -> None:
-        """Cache a status and keep the index in step (one pipelined round trip)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.model_status(name), dumps(status), ex=self._ttl_for(status))
-        self._index_ops(pipe, name, status)
-        pipe.execute()
+        """Cache a status and keep the index in step (two round trips; writes are rare).
+
+        Scripts run outside pipelines: Redis Cluster clients refuse them inside one."""
+        self.client.set(self.keys.model_status(name), dumps(status), ex=self._ttl_for(status))
+        self._update_index(name, status)
 
     @_state_errors
     def commit(self, name: str, token: str, status: Mapping[str, Any]) -> bool:
@@ -150,14 +149,12 @@ class ModelStatusStore:
         keys = [self.keys.model_lock(name), self.keys.model_status(name)]
         ok = bool(self._commit(keys=keys, args=[token, dumps(status), self._ttl_for(status)]))
         if ok:
-            pipe = self.client.pipeline(transaction=False)
-            self._index_ops(pipe, name, status)
-            pipe.execute()
+            self._update_index(name, status)
         return ok
 
-    def _index_ops(self, pipe: Any, name: str, status: Mapping[str, Any]) -> None:
+    def _update_index(self, name: str, status: Mapping[str, Any]) -> None:
         value = self._row(status) if status.get("exists") else b""
-        self._index_set(keys=self._index_keys, args=[name, value], client=pipe)
+        self._index_set(keys=self._index_keys, args=[name, value])
 
     @_state_errors
     def replace_all(self, statuses: Iterable[Mapping[str, Any]]) -> int:
@@ -169,9 +166,9 @@ class ModelStatusStore:
             pipe.set(self.keys.model_status(name), dumps(status), ex=self._ttl_for(status))
         for name in stale:
             pipe.delete(self.keys.model_status(name))
-        args = [part for name, status in found.items() for part in (name, self._row(status))]
-        self._index_replace(keys=self._index_keys, args=args, client=pipe)
         pipe.execute()
+        args = [part for name, status in found.items() for part in (name, self._row(status))]
+        self._index_replace(keys=self._index_keys, args=args)
         return len(found)
 
     @_state_errors
