@@ -16,6 +16,19 @@ import redis
 from yichui.state.embedded import find_redis_server
 
 
+def end_process(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Send ``sig`` and reap the process (SIGKILL after 10 s); nothing if it is None."""
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,15 +102,7 @@ class RedisProcess:
         self._signal(signal.SIGTERM)
 
     def _signal(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc, sig)
         self.proc = None
 
 
@@ -198,15 +203,7 @@ class SentinelProcess:
             return bool(addr) and int(addr[1]) == self.master_port
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc, signal.SIGTERM)
         self.proc = None
 
 

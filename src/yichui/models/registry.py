@@ -110,13 +110,6 @@ class ModelRegistry:
         status = self.scan(name)
         return Lookup(status, degraded=self._record(status))
 
-    def require(self, name: str, *, refresh: bool = False) -> Lookup:
-        """Like :meth:`status`, raising :class:`ModelNotFoundError` for a missing model."""
-        found = self.status(name, refresh=refresh)
-        if not found.status.exists:
-            raise ModelNotFoundError(name)
-        return found
-
     def scan(self, name: str) -> ModelStatus:
         return scan_model(name, model_dir(self.root, name))
 

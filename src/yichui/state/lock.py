@@ -55,11 +55,6 @@ class LeaseLock:
         """Try once; True if we now hold the lock."""
         return bool(self.client.set(self.key, self.token, nx=True, px=self.lease_ms))
 
-    def holder(self) -> str | None:
-        """The token of whoever holds the lock now, if anyone."""
-        raw = self.client.get(self.key)
-        return raw.decode() if isinstance(raw, bytes) else raw
-
     def renew(self) -> bool:
         ok = bool(self._renew(keys=[self.key], args=[self.token, self.lease_ms]))
         if not ok:

@@ -185,11 +185,6 @@ class ModelStatusStore:
         payload = {"event": event, "name": name, "at": time.time(), **fields}
         self.client.publish(self.keys.model_events(), dumps(payload))
 
-    @_state_errors
-    def ttl_of(self, name: str) -> int:
-        """Seconds left on a cached entry (-2 when absent): for status output and tests."""
-        return int(self.client.ttl(self.keys.model_status(name)))
-
 
 def _decode_all(values: Iterable[bytes | str]) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else v for v in values]
