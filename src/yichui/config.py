@@ -76,6 +76,27 @@ class Settings(BaseSettings):
     pull_wait_timeout: float = Field(default=6 * 3600.0, gt=0)
     """How long a second puller of the same model waits for the first one to finish."""
 
+    task_queue: str = "default"
+    """Queue (Redis Stream) that tasks go to and workers read, unless told otherwise."""
+    task_lease: float = Field(default=30.0, gt=0)
+    """Seconds a claimed task stays owned without a heartbeat; after that any worker may take
+    it back and run it again. Also how long a dead worker's task waits before it is reclaimed."""
+    task_heartbeat: float = Field(default=3.0, gt=0)
+    """Seconds between a worker's heartbeats (lease renewals, cancel checks, housekeeping)."""
+    task_max_attempts: int = Field(default=3, ge=1)
+    """Runs a task gets (first one included) before it is dead-lettered as ``dead``."""
+    task_backoff: float = Field(default=2.0, ge=0)
+    """Seconds before the first retry; doubled on each further one, with ±50 % jitter."""
+    task_backoff_max: float = Field(default=300.0, ge=0)
+    """Longest wait between two attempts."""
+    task_log_max: int = Field(default=5000, ge=10)
+    """Entries a task's log stream keeps (log lines, progress and state changes)."""
+    task_progress_interval: float = Field(default=0.5, ge=0)
+    """Least seconds between two progress writes of one task; reports in between are
+    coalesced, so task code may report every step."""
+    worker_concurrency: int = Field(default=1, ge=1, le=256)
+    """Tasks one ``yichui worker`` runs at once."""
+
     mirror_dir: Path | None = None
     """A local mirror folder laid out as ``<org>/<name>/…`` (a NAS "hub"): source ``mirror``."""
     hf_endpoint: str | None = None
@@ -91,6 +112,19 @@ class Settings(BaseSettings):
         if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
         return value
+
+    @field_validator("task_queue")
+    @classmethod
+    def _check_queue(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> Settings:
+        if self.task_heartbeat * 2 > self.task_lease:
+            raise ValueError("task_heartbeat must be at most half of task_lease")
+        return self
 
     @model_validator(mode="after")
     def _fill_models_root(self) -> Settings:

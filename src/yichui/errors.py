@@ -8,17 +8,25 @@
     ├── StateError                            the state layer (Redis)
     │   ├── RedisUnavailableError (ConnectionError)
     │   └── EmbeddedRedisError                the private redis-server could not start/stop
-    └── ModelError                            anything about one model (has ``name``)
-        ├── InvalidModelNameError (ValueError)
-        ├── ModelNotFoundError (LookupError)
-        ├── ModelBusyError (TimeoutError)     another process holds the model's lock too long
-        ├── SourceError                       a hub, mirror or file we pull from
-        │   ├── SourceNotFoundError (LookupError)
-        │   └── SourceUnavailableError (ConnectionError)
-        └── DownloadError (OSError)           disk full, permission denied, interrupted
+    ├── ModelError                            anything about one model (has ``name``)
+    │   ├── InvalidModelNameError (ValueError)
+    │   ├── ModelNotFoundError (LookupError)
+    │   ├── ModelBusyError (TimeoutError)     another process holds the model's lock too long
+    │   ├── SourceError                       a hub, mirror or file we pull from
+    │   │   ├── SourceNotFoundError (LookupError)
+    │   │   └── SourceUnavailableError (ConnectionError)
+    │   └── DownloadError (OSError)           disk full, permission denied, interrupted
+    └── TaskError                             the task engine (has ``task_id``)
+        ├── UnknownTaskTypeError (ValueError)
+        ├── InvalidTaskArgsError (ValueError) arguments that do not fit the task type
+        ├── TaskNotFoundError (LookupError)   no such task (never queued, or expired)
+        ├── TaskConflictError (ValueError)    an id reused with other arguments
+        ├── TaskStateError                    not allowed in the task's state (retry a running one)
+        └── TaskFailedError                   raised by task code to fail on purpose
 
 Each error carries structured fields and an optional ``hint`` telling the user what to do
-next; the CLI and the API translate them once, at their edge.
+next; the CLI and the API translate them once, at their edge. ``retryable`` tells the task
+engine whether running the same task again could succeed: bad input never will.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ class YichuiError(Exception):
     """Root of every error yichui raises on purpose."""
 
     exit_code: int = 1
+    retryable: bool = True
+    """Whether a task that failed with this error is worth another attempt."""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -42,6 +52,7 @@ class ConfigError(YichuiError, ValueError):
     """The settings or the config file are invalid."""
 
     exit_code = 2
+    retryable = False
 
 
 class MissingExtraError(YichuiError, ImportError):
@@ -87,6 +98,7 @@ class InvalidModelNameError(ModelError, ValueError):
     """A model name that is malformed or unsafe to map onto the disk."""
 
     exit_code = 2
+    retryable = False
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"invalid model name {name!r}: {reason}", name=name)
@@ -95,6 +107,8 @@ class InvalidModelNameError(ModelError, ValueError):
 
 class ModelNotFoundError(ModelError, LookupError):
     """No such model in the models root."""
+
+    retryable = False
 
     def __init__(self, name: str) -> None:
         super().__init__(
@@ -119,6 +133,8 @@ class SourceError(ModelError):
 class SourceNotFoundError(SourceError, LookupError):
     """The source has no such repository, revision or file."""
 
+    retryable = False
+
 
 class SourceUnavailableError(SourceError, ConnectionError):
     """The source cannot be reached (offline, network down, SDK missing)."""
@@ -126,3 +142,61 @@ class SourceUnavailableError(SourceError, ConnectionError):
 
 class DownloadError(ModelError, OSError):
     """A pull failed while writing: disk full, permission denied, interrupted."""
+
+
+class TaskError(YichuiError):
+    """Something about one task."""
+
+    def __init__(self, message: str, *, task_id: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.task_id = task_id
+
+
+class UnknownTaskTypeError(TaskError, ValueError):
+    """No task type of that name is registered."""
+
+    exit_code = 2
+    retryable = False
+
+    def __init__(self, type_: str, known: list[str]) -> None:
+        super().__init__(
+            f"unknown task type {type_!r}", hint=f"known types: {', '.join(sorted(known))}"
+        )
+        self.type = type_
+
+
+class InvalidTaskArgsError(TaskError, ValueError):
+    """The arguments do not fit the task type (checked before anything is queued)."""
+
+    exit_code = 2
+    retryable = False
+
+
+class TaskNotFoundError(TaskError, LookupError):
+    """No such task: never queued, or finished longer ago than ``task_ttl``."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(
+            f"task {task_id!r} not found",
+            task_id=task_id,
+            hint="finished tasks are kept for task_ttl (2 h by default); see `yichui tasks list`",
+        )
+
+
+class TaskConflictError(TaskError, ValueError):
+    """A client-supplied id is already taken by a task of another type or arguments."""
+
+    exit_code = 2
+    retryable = False
+
+
+class TaskStateError(TaskError):
+    """The operation is not allowed in the task's current state."""
+
+
+class TaskFailedError(TaskError):
+    """Raised by task code to fail with a message; ``retryable=False`` skips the retries."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable

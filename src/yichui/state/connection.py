@@ -16,9 +16,11 @@ backoff on connection errors, and periodic health checks.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
@@ -34,7 +36,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from yichui.errors import ConfigError, RedisUnavailableError
+from yichui.errors import ConfigError, RedisUnavailableError, StateError
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -257,3 +259,21 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRed
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def state_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Turn a Redis failure inside ``fn`` into a :class:`StateError` with a one-line message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StateError(f"Redis error: {first}") from exc
+
+    return wrapper

@@ -51,3 +51,42 @@ class Keys:
     def model_events(self) -> str:
         """Pub/sub channel: JSON events ``{"event", "name", ...}`` on pull, import, rm."""
         return self._k("model_events")
+
+    # -- task engine --------------------------------------------------------------------------
+    # Every task key carries the hash tag {tasks}: the queue stream, the indexes and each task's
+    # status and log live in one Cluster slot, so a state change, its index moves and the XACK
+    # happen in one Lua script (the layout BullMQ uses for the same reason).
+    def task_status(self, task_id: str) -> str:
+        """HASH, one task's state, progress, error and result; no TTL while queued or running,
+        ``task_ttl`` once finished."""
+        return self._k("task_status", "{tasks}", task_id)
+
+    def task_log(self, task_id: str) -> str:
+        """STREAM, the task's log lines, progress updates and state changes in order; capped
+        at ``task_log_max`` entries, expires with the status."""
+        return self._k("task_log", "{tasks}", task_id)
+
+    def task_queue(self, queue: str) -> str:
+        """STREAM with consumer group ``workers``: one entry ``{id}`` per delivery of a task."""
+        return self._k("task_queue", "{tasks}", queue)
+
+    def task_running(self) -> str:
+        """ZSET, running task id -> lease deadline (ms, Redis clock), pushed on by heartbeats."""
+        return self._k("task_running", "{tasks}")
+
+    def task_delayed(self, queue: str) -> str:
+        """ZSET, task id -> time (ms) its retry is due; promoted onto the queue stream."""
+        return self._k("task_delayed", "{tasks}", queue)
+
+    def task_index(self, state: str) -> str:
+        """ZSET per state, task id -> time (ms) it entered the state: list by state without
+        scanning the keyspace."""
+        return self._k("task_index", "{tasks}", state)
+
+    def task_workers(self) -> str:
+        """HASH, worker id -> JSON (host, pid, slots, running ids, heartbeat)."""
+        return self._k("task_workers", "{tasks}")
+
+    def task_events(self) -> str:
+        """Pub/sub channel: JSON ``{"id", "type", "state", ...}`` on every task state change."""
+        return self._k("task_events")

@@ -12,19 +12,14 @@ callers can fall back to the disk.
 
 from __future__ import annotations
 
-import functools
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from yichui.errors import StateError
 from yichui.state.codec import dumps, jittered, loads
-from yichui.state.connection import REDIS_ERRORS, SyncRedis
+from yichui.state.connection import SyncRedis, state_errors
 from yichui.state.keys import Keys
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 # KEYS[1] lock, KEYS[2] status; ARGV[1] token, ARGV[2] status JSON, ARGV[3] TTL seconds.
 # The status of a pulled model is published by the lock holder only, together with the release.
@@ -80,18 +75,6 @@ return #ARGV / 2
 )
 
 
-def _state_errors(fn: Callable[P, T]) -> Callable[P, T]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except REDIS_ERRORS as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StateError(f"Redis error: {first}") from exc
-
-    return wrapper
-
-
 class ModelStatusStore:
     """Read and write model statuses; the registry above speaks to this, never to Redis."""
 
@@ -129,13 +112,13 @@ class ModelStatusStore:
         base = self.ttl if status.get("exists") else self.missing_ttl
         return jittered(base, self.jitter, self.rng)
 
-    @_state_errors
+    @state_errors
     def get(self, name: str) -> dict[str, Any] | None:
         """The cached status (one round trip), or None on a miss."""
         raw = self.client.get(self.keys.model_status(name))
         return None if raw is None else dict(loads(raw))
 
-    @_state_errors
+    @state_errors
     def put(self, name: str, status: Mapping[str, Any]) -> None:
         """Cache a status and keep the index in step (two round trips; writes are rare).
 
@@ -143,7 +126,7 @@ class ModelStatusStore:
         self.client.set(self.keys.model_status(name), dumps(status), ex=self._ttl_for(status))
         self._update_index(name, status)
 
-    @_state_errors
+    @state_errors
     def commit(self, name: str, token: str, status: Mapping[str, Any]) -> bool:
         """Publish a status and release ``model_lock`` atomically, if ``token`` still holds it."""
         keys = [self.keys.model_lock(name), self.keys.model_status(name)]
@@ -156,7 +139,7 @@ class ModelStatusStore:
         value = self._row(status) if status.get("exists") else b""
         self._index_set(keys=self._index_keys, args=[name, value])
 
-    @_state_errors
+    @state_errors
     def replace_all(self, statuses: Iterable[Mapping[str, Any]]) -> int:
         """Rebuild every entry, the index and the listing from a full walk, pipelined."""
         found = {str(s["name"]): s for s in statuses}
@@ -171,7 +154,7 @@ class ModelStatusStore:
         self._index_replace(keys=self._index_keys, args=args)
         return len(found)
 
-    @_state_errors
+    @state_errors
     def listing(self) -> list[dict[str, Any]] | None:
         """Every indexed model's listing row, sorted by name (one GET); None if never built."""
         raw = self.client.get(self.keys.model_listing())
@@ -180,7 +163,7 @@ class ModelStatusStore:
         rows: list[dict[str, Any]] = loads(raw)
         return rows
 
-    @_state_errors
+    @state_errors
     def publish(self, event: str, name: str, **fields: Any) -> None:
         payload = {"event": event, "name": name, "at": time.time(), **fields}
         self.client.publish(self.keys.model_events(), dumps(payload))

@@ -1,0 +1,69 @@
+"""Handlers of the built-in task types (imported by workers only)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from yichui.errors import TaskFailedError
+from yichui.tasks.context import TaskContext
+from yichui.tasks.types import DownloadArgs, NoopArgs, SelftestArgs
+
+
+def selftest(ctx: TaskContext, args: SelftestArgs) -> dict[str, Any]:
+    """Count to ``args.steps``, one report per step; resumes from its checkpoint."""
+    start = int(ctx.checkpoint or 0)
+    if start:
+        ctx.log(f"attempt {ctx.attempt}: resuming at step {start + 1} of {args.steps}")
+    else:
+        ctx.log(f"attempt {ctx.attempt}: counting {args.steps} steps of {args.step_seconds}s")
+    for step in range(start + 1, args.steps + 1):
+        if args.crash_at == step:
+            ctx.flush()
+            os._exit(70)  # the fire drill: the worker dies without a word
+        if args.fail_at == step and ctx.attempt <= args.fail_attempts:
+            raise TaskFailedError(
+                f"selftest failed at step {step} (attempt {ctx.attempt})",
+                retryable=not args.fail_permanent,
+            )
+        ctx.sleep(args.step_seconds)
+        ctx.log(f"step {step}/{args.steps}")
+        ctx.save_checkpoint(step, now=False)  # written with the report below
+        ctx.report(step, args.steps, value=float(step))
+    return {"steps": args.steps, "attempt": ctx.attempt, "resumed_from": start}
+
+
+def noop(ctx: TaskContext, args: NoopArgs) -> dict[str, Any]:
+    """Nothing at all: what the queue itself costs (benchmarks, health checks)."""
+    return {"echo": args.echo} if args.echo is not None else {}
+
+
+def download(ctx: TaskContext, args: DownloadArgs) -> dict[str, Any]:
+    """Pull a model (see ``yichui models pull``); progress in bytes."""
+    from yichui.models.pull import pull_model
+    from yichui.models.sources import get_source
+    from yichui.models.sources.base import PullSpec
+
+    rt = ctx.services
+    source = get_source(args.source, rt.settings)
+    spec = PullSpec(
+        repo=args.repo or args.name,
+        revision=args.revision,
+        include=args.include,
+        exclude=args.exclude,
+    )
+    ctx.log(f"pulling {spec.repo} from {source.name} as {args.name}")
+
+    def progress(done: int, total: int | None) -> None:
+        ctx.report(done, total, unit="bytes")
+
+    result = pull_model(rt.registry, source, args.name, spec, force=args.force, progress=progress)
+    status = result.status
+    ctx.log(f"{args.name}: {result.action}")
+    return {
+        "name": args.name,
+        "action": result.action,
+        "path": status.path if status else None,
+        "size": status.size if status else None,
+        "files": status.files if status else None,
+    }

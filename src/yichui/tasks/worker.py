@@ -1,0 +1,394 @@
+"""``yichui worker``: run tasks from a queue, N at a time, on any number of hosts.
+
+Threads of one worker::
+
+    slot 1..N     XREADGROUP (blocking) -> claim (Lua) -> run the handler -> finish (Lua + XACK)
+    housekeeper   every ``heartbeat`` s: renew the leases of running tasks (and learn of
+                  cancels and lost leases), requeue tasks whose lease lapsed on a dead worker,
+                  promote retries whose backoff is over, redeliver orphaned stream entries
+    main          waits; on SIGTERM/SIGINT hands running tasks back to the queue at once
+
+Delivery is at least once. The fencing token taken at claim guards every later write, so a
+worker that stalled past its lease cannot report, finish or acknowledge a task that another
+worker now runs. Redis outages are waited out with backoff; nothing is dropped meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+from yichui.errors import StateError, YichuiError
+from yichui.state.codec import dumps
+from yichui.state.connection import REDIS_ERRORS, mask_password
+from yichui.state.task_store import Claim, TaskStore
+from yichui.tasks.context import HandedBack, LeaseLost, TaskCancelled, TaskContext
+from yichui.tasks.types import TaskTypes
+
+log = logging.getLogger("yichui.worker")
+
+_SECRETS = re.compile(
+    r"(?i)((?:token|password|passwd|secret|api[_-]?key|authorization)[\"']?\s*[=:]\s*[\"']?)"
+    r"[^\s\"',;&]+"
+)
+_HUB_TOKEN = re.compile(r"\b(hf|ms)_[A-Za-z0-9]{8,}\b")
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\"']+", re.IGNORECASE)
+
+
+def redact(text: str, limit: int = 2000) -> str:
+    """An error message fit to store: passwords in URLs, tokens and keys masked, bounded."""
+    text = _URL.sub(lambda m: mask_password(m.group(0)), text)
+    text = _SECRETS.sub(r"\1***", text)
+    text = _HUB_TOKEN.sub(r"\1_***", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(exc).__name__, "message": redact(str(exc))}
+    if isinstance(exc, YichuiError) and exc.hint:
+        out["hint"] = redact(exc.hint)
+    return out
+
+
+_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, StateError)
+
+
+class Worker:
+    """A worker of one queue::
+
+    Worker(store, builtin_types(), queue="default", concurrency=2).run()           # forever
+    Worker(store, builtin_types(), queue="default", burst=True).run()   # until the queue is empty
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        types: TaskTypes,
+        *,
+        queue: str = "default",
+        concurrency: int = 1,
+        lease: float = 30.0,
+        heartbeat: float = 3.0,
+        backoff: float = 2.0,
+        backoff_max: float = 300.0,
+        progress_interval: float = 0.5,
+        burst: bool = False,
+        name: str | None = None,
+        services: Any = None,
+        block: float = 1.0,
+        grace: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.types = types
+        self.queue = queue
+        self.concurrency = concurrency
+        self.lease_ms = int(lease * 1000)
+        self.heartbeat = heartbeat
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.progress_interval = progress_interval
+        self.burst = burst
+        self.services = services
+        self.block_ms = max(1, int(block * 1000))
+        self.grace = grace
+        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.started = time.time()
+        self.stats: Counter[str] = Counter()
+        self._stop = threading.Event()  # take no new work
+        self._halt = threading.Event()  # housekeeper off (after the slots are done)
+        self._lock = threading.Lock()
+        self._active: dict[str, TaskContext] = {}
+        self._inflight = 0
+        self._handing_back = False
+        self._hand_back_on_stop = False
+        self._signals = 0
+        self._redis_down = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def run(self, *, install_signals: bool = True) -> Counter[str]:
+        """Work until stopped (or, in burst mode, until the queue is empty); -> outcome counts."""
+        if self.burst:  # notice an empty queue quickly
+            self.block_ms = min(self.block_ms, 100)
+        self._until_redis(lambda: self.store.ensure_group(self.queue))
+        if install_signals and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        log.info("worker %s: queue %r, %d slot(s)", self.id, self.queue, self.concurrency)
+        slots = [
+            threading.Thread(target=self._slot, name=f"slot-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        keeper = threading.Thread(target=self._housekeeper, name="housekeeper", daemon=True)
+        keeper.start()
+        for t in slots:
+            t.start()
+        try:
+            while not self._stop.wait(0.05 if self.burst else 0.5):
+                if self.burst and self._burst_done():
+                    self._stop.set()
+        finally:
+            self._stop.set()
+            if self._hand_back_on_stop:
+                self.hand_back()
+            deadline = time.monotonic() + self.grace
+            for t in slots:
+                t.join(max(0.0, deadline - time.monotonic()))
+            self._halt.set()
+            keeper.join(self.heartbeat + 5)
+            with contextlib.suppress(*_ERRORS):
+                self.store.remove_worker(self.id, self.queue)
+        log.info("worker %s stopped: %s", self.id, dict(self.stats) or "no tasks")
+        return self.stats
+
+    def stop(self, *, hand_back: bool = True) -> None:
+        """Take no new work; with ``hand_back`` return running tasks to the queue at once."""
+        self._hand_back_on_stop = hand_back
+        self._stop.set()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now")
+            os._exit(128 + signum)
+        log.info("worker %s: %s, handing running tasks back", self.id, signal.Signals(signum).name)
+        self.stop(hand_back=True)
+
+    def hand_back(self) -> None:
+        """Return every running task to the queue now (shutdown), and stop their runs."""
+        with self._lock:
+            self._handing_back = True
+            active = list(self._active.values())
+        for ctx in active:
+            ctx.stop(HandedBack)
+            try:
+                outcome = self.store.release(ctx.id, self.queue, ctx.token)
+            except _ERRORS as exc:
+                log.warning("task %s: could not hand back (%s); its lease will lapse", ctx.id, exc)
+                continue
+            log.info(
+                "task %s: %s",
+                ctx.id,
+                {0: "lease already lost", 1: "handed back", 2: "cancelled"}[outcome],
+            )
+            self.stats["handed_back"] += 1
+
+    def _burst_done(self) -> bool:
+        with self._lock:
+            if self._inflight:
+                return False
+        try:
+            return self.store.counts()["queued"] == 0
+        except _ERRORS:
+            return False
+
+    # -- Redis outages --------------------------------------------------------------------------
+    def _until_redis(self, fn: Any) -> Any:
+        delay = 0.1
+        while True:
+            try:
+                out = fn()
+            except _ERRORS as exc:
+                self._down(exc)
+                if self._halt.wait(delay):
+                    raise
+                delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
+                continue
+            self._up()
+            return out
+
+    def _down(self, exc: BaseException) -> None:
+        if not self._redis_down:
+            self._redis_down = True
+            log.warning("worker %s: Redis unreachable (%s); retrying with backoff", self.id, exc)
+
+    def _up(self) -> None:
+        if self._redis_down:
+            self._redis_down = False
+            log.info("worker %s: Redis is back", self.id)
+
+    # -- slots ----------------------------------------------------------------------------------
+    def _slot(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                deliveries = self.store.read(self.queue, self.id, block_ms=self.block_ms)
+                self._up()
+                delay = 0.1
+            except _ERRORS as exc:
+                self._down(exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
+                continue
+            for entry_id, task_id in deliveries:
+                with self._lock:
+                    self._inflight += 1
+                try:
+                    self._deliver(entry_id, task_id)
+                finally:
+                    with self._lock:
+                        self._inflight -= 1
+
+    def _deliver(self, entry_id: str, task_id: str) -> None:
+        if self._stop.is_set():  # read just as we stopped: give it straight back
+            self._until_redis(lambda: self.store.redeliver(task_id, self.queue, entry_id))
+            return
+        token = secrets.token_hex(16)
+        claim: Claim | None = self._until_redis(
+            lambda: self.store.claim(
+                task_id,
+                entry_id,
+                queue=self.queue,
+                worker=self.id,
+                token=token,
+                lease_ms=self.lease_ms,
+            )
+        )
+        if claim is None:
+            return
+        ctx = TaskContext(
+            self.store,
+            claim,
+            queue=self.queue,
+            worker=self.id,
+            progress_interval=self.progress_interval,
+            services=self.services,
+        )
+        with self._lock:
+            handing_back = self._handing_back
+            if not handing_back:
+                self._active[claim.id] = ctx
+        if handing_back:
+            self._until_redis(lambda: self.store.release(claim.id, self.queue, claim.token))
+            return
+        try:
+            log.info("task %s (%s): attempt %d started", claim.id, claim.type, claim.attempt)
+            outcome, payload, delay = self._execute(ctx, claim)
+            if outcome is not None:
+                self._finish(ctx, outcome, payload, delay)
+            else:
+                self.stats["abandoned"] += 1
+        finally:
+            with self._lock:
+                self._active.pop(claim.id, None)
+
+    def _execute(
+        self, ctx: TaskContext, claim: Claim
+    ) -> tuple[str | None, Mapping[str, Any], float]:
+        try:
+            task_type = self.types.get(claim.type)
+            args = task_type.parse(claim.args)
+            handler = task_type.load()
+            ctx.check()
+            result = handler(ctx, args)
+            ctx.check()
+            payload = dict(result or {})
+            dumps(payload)  # a result that cannot be stored fails the task, not the worker
+            return "succeeded", payload, 0.0
+        except TaskCancelled:
+            if ctx.stopping in (LeaseLost, HandedBack):
+                return None, {}, 0.0
+            return "cancelled", {"type": "Cancelled", "message": "cancelled by user"}, 0.0
+        except (LeaseLost, HandedBack):
+            return None, {}, 0.0
+        except Exception as exc:
+            if ctx.stopping in (LeaseLost, HandedBack):
+                return None, {}, 0.0
+            err = error_payload(exc)
+            log.warning(
+                "task %s: attempt %d failed: %s: %s",
+                ctx.id,
+                ctx.attempt,
+                err["type"],
+                err["message"],
+            )
+            if not getattr(exc, "retryable", True):
+                return "failed", err, 0.0
+            if ctx.attempt >= ctx.max_attempts:
+                err["message"] = f"gave up after {ctx.attempt} attempts; last: {err['message']}"
+                return "dead", err, 0.0
+            return "retry", err, self.retry_delay(ctx.attempt)
+
+    def retry_delay(self, attempt: int) -> float:
+        """Exponential backoff with ±50 % jitter, capped at ``backoff_max``."""
+        base = min(self.backoff_max, self.backoff * 2 ** (attempt - 1))
+        return float(base * random.uniform(0.5, 1.5))
+
+    def _finish(
+        self, ctx: TaskContext, outcome: str, payload: Mapping[str, Any], delay: float
+    ) -> None:
+        progress = ctx.final_progress()
+        delay_r = 0.1
+        while True:
+            if ctx.stopping in (LeaseLost, HandedBack):
+                self.stats["abandoned"] += 1
+                return
+            try:
+                ok = self.store.finish(
+                    ctx.id,
+                    self.queue,
+                    ctx.token,
+                    outcome,
+                    payload,
+                    retry_delay=delay,
+                    progress=progress,
+                )
+                self._up()
+                break
+            except _ERRORS as exc:  # keep the result until Redis takes it (or the lease goes)
+                self._down(exc)
+                time.sleep(delay_r)
+                delay_r = min(delay_r * 2, 5.0) * random.uniform(0.8, 1.2)
+        if ok:
+            self.stats[outcome] += 1
+            log.info(
+                "task %s: %s", ctx.id, outcome if outcome != "retry" else f"retry in {delay:.1f}s"
+            )
+        else:
+            self.stats["abandoned"] += 1
+            log.warning("task %s: lease lost before finishing; another worker owns it", ctx.id)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def _housekeeper(self) -> None:
+        while not self._halt.wait(self.heartbeat):
+            try:
+                self.beat()
+                self.store.housekeep(self.queue, self.id, orphan_idle_ms=self.lease_ms)
+                self._up()
+            except _ERRORS as exc:
+                self._down(exc)
+
+    def beat(self) -> None:
+        """Renew our leases; pass cancels and lost leases on to the runs."""
+        with self._lock:
+            active = list(self._active.values())
+        info = {
+            "id": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queue": self.queue,
+            "concurrency": self.concurrency,
+            "started": self.started,
+            "running": [c.id for c in active],
+        }
+        held = [(c.id, c.token) for c in active]
+        for ctx, res in zip(
+            active,
+            self.store.heartbeat(self.queue, self.id, self.lease_ms, info, held),
+            strict=True,
+        ):
+            if res == 0:
+                ctx.stop(LeaseLost)
+            elif res == 2:
+                ctx.stop(TaskCancelled)
