@@ -39,6 +39,13 @@ def default_data_dir() -> Path:
     return Path(base) / "yichui"
 
 
+def check_queue_name(value: str) -> str:
+    """A queue name fit for a key: 1-64 letters, digits, ``_``, ``.`` or ``-``."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
+    return value
+
+
 class Settings(BaseSettings):
     """Everything configurable, with its default."""
 
@@ -116,9 +123,7 @@ class Settings(BaseSettings):
     @field_validator("task_queue")
     @classmethod
     def _check_queue(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
-            raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
-        return value
+        return check_queue_name(value)
 
     @model_validator(mode="after")
     def _check_heartbeat(self) -> Settings:

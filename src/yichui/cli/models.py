@@ -167,11 +167,32 @@ def pull(
         bool, typer.Option(help="Show what would be fetched; write nothing.")
     ] = False,
     force: Annotated[bool, typer.Option(help="Fetch again even if the model is present.")] = False,
+    detach: Annotated[
+        bool,
+        typer.Option(help="Run it as a task on the workers; print the task id and return."),
+    ] = False,
     json: bool = JsonOpt,
 ) -> None:
     """Fetch a model; concurrent pulls of one model (any host) download it once."""
     validate_name(name)
     rt = _rt(ctx)
+    if detach:
+        args = {
+            "name": name,
+            "source": source,
+            "repo": repo,
+            "revision": revision,
+            "include": include or [],
+            "exclude": exclude or [],
+            "force": force,
+        }
+        task = rt.tasks.submit("download", args)
+        if json:
+            print_json(task)
+        else:
+            console.print(f"{task['id']}: download of {name} queued", highlight=False)
+            err_console.print(f"watch it with: yichui tasks watch {task['id']}", highlight=False)
+        return
     src = get_source(source, rt.settings)
     spec = PullSpec(
         repo=validate_name(repo or name),

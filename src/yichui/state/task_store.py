@@ -73,6 +73,7 @@ def decode_status(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
         else:
             out[key] = text
     out.pop("token", None)  # the fencing token never leaves the state layer
+    out.pop("msg", None)  # the stream entry of the current delivery: internal
     progress = out.get("progress") or {}
     out["progress"] = {"step": 0, "total": None, "percent": None, "unit": "step", **progress}
     return out

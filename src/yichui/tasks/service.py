@@ -57,7 +57,7 @@ class TaskService:
         """Validate and queue a task; idempotent for a given ``task_id`` -> its status."""
         task_type = self.types.get(type_)
         parsed = task_type.parse(args or {})
-        stored_args = parsed.model_dump(mode="json", exclude_defaults=True)
+        stored_args = parsed.model_dump(mode="json")
         if task_id is not None and not _ID.fullmatch(task_id):
             raise InvalidTaskArgsError(
                 f"invalid task id {task_id!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"
