@@ -53,3 +53,34 @@ def test_registry_on_cluster(cluster: ClusterProcesses, tmp_path: Path) -> None:
         assert len(registry.listing().models) == 12
     finally:
         runtime.close()
+
+
+def test_tasks_on_cluster(cluster: ClusterProcesses, tmp_path: Path) -> None:
+    """Every task key shares the {tasks} slot: scripts, XACK and indexes work on a cluster."""
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        redis_url=cluster.url,
+        namespace="cl",
+        task_heartbeat=0.1,
+        task_lease=1.0,
+        task_backoff=0.01,
+    )
+    runtime = Runtime(settings)
+    try:
+        svc = runtime.tasks
+        ok = svc.submit("selftest", {"steps": 3, "step_seconds": 0.01})
+        retried = svc.submit(
+            "selftest", {"steps": 2, "step_seconds": 0, "fail_at": 1, "fail_attempts": 1}
+        )
+        cancelled = svc.submit("noop", {}, delay=60)
+        assert svc.cancel(cancelled["id"])["state"] == "cancelled"
+        stats = runtime.worker(burst=True, concurrency=2).run(install_signals=False)
+        assert stats["succeeded"] == 2 and stats["retry"] == 1
+        assert svc.get(ok["id"])["progress"]["step"] == 3
+        assert svc.get(retried["id"])["attempt"] == 2
+        assert [t["id"] for t in svc.listing(["cancelled"])] == [cancelled["id"]]
+        assert svc.counts()["succeeded"] == 2
+        lines = [e.data.get("line") for e in svc.tail(ok["id"], 50) if e.kind == "log"]
+        assert "step 3/3" in lines
+    finally:
+        runtime.close()

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated
 
 import typer
 
 from yichui.config import check_queue_name
-from yichui.errors import ConfigError
+from yichui.errors import ConfigError, RedisUnavailableError
 from yichui.runtime import Runtime
+
+log = logging.getLogger("yichui.worker")
+
+
+def _wait_for_redis(rt: Runtime) -> None:
+    """Workers outlive Redis restarts, and may start before it: wait with backoff."""
+    delay, warned = 0.2, False
+    while True:
+        try:
+            rt.redis()
+            if warned:
+                log.info("Redis is reachable; starting")
+            return
+        except RedisUnavailableError as exc:
+            if not warned:
+                log.warning("%s; waiting for it (Ctrl-C to give up)", exc)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def worker(
@@ -39,7 +59,7 @@ def worker(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
     )
-    rt.redis()  # fail in one line now if Redis is unreachable at start
+    _wait_for_redis(rt)
     if queue is not None:
         try:
             check_queue_name(queue)

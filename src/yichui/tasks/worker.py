@@ -279,6 +279,10 @@ class Worker:
                 self._finish(ctx, outcome, payload, delay)
             else:
                 self.stats["abandoned"] += 1
+                if ctx.stopping is LeaseLost:
+                    log.warning(
+                        "task %s: lease lost (another worker owns it now); run abandoned", ctx.id
+                    )
         finally:
             with self._lock:
                 self._active.pop(claim.id, None)
