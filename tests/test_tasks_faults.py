@@ -184,19 +184,24 @@ def test_poison_task_that_kills_its_worker_ends_dead(harness: Harness) -> None:
     h.assert_clean()
 
 
-def test_running_status_never_expires(redis_url: str, tmp_path: Path) -> None:
+def test_long_healthy_task_runs_once_and_its_status_never_expires(
+    redis_url: str, tmp_path: Path
+) -> None:
     h = Harness(redis_url, tmp_path, YICHUI_TASK_TTL="1")
-    try:
+    try:  # runs 3 s: twice the 1.5 s lease and three times the status TTL
         task = h.svc.submit("selftest", {"steps": 30, "step_seconds": 0.1})
         h.worker("A")
         h.wait_step(task["id"], 2)
+        h.worker("B")  # idle, housekeeping: must never take the task from a healthy A
         client = h.rt.redis()[0]
         key = Keys().task_status(task["id"])
         time.sleep(1.5)  # longer than task_ttl
         assert client.ttl(key) == -1 and h.status(task["id"])["state"] == "running"
         beat = h.status(task["id"])["heartbeat"]
         wait_until(lambda: h.status(task["id"])["heartbeat"] > beat, 5, "a newer heartbeat")
-        h.wait_state(task["id"], TERMINAL, 15)
+        final = h.wait_state(task["id"], TERMINAL, 15)
+        assert (final["state"], final["attempt"], final["worker"]) == ("succeeded", 1, "A")
+        assert h.states(task["id"]) == [("queued", None), ("running", "A"), ("succeeded", None)]
         assert 0 < client.pttl(key) <= 1100
         assert 0 < client.pttl(Keys().task_log(task["id"])) <= 1100
     finally:

@@ -169,9 +169,7 @@ def test_bad_input_writes_nothing(
     assert svc.counts() == dict.fromkeys(STATES, 0)
 
 
-def test_enqueue_is_idempotent_per_client_id(
-    svc: TaskService, redis_client: redis.Redis
-) -> None:
+def test_enqueue_is_idempotent_per_client_id(svc: TaskService, redis_client: redis.Redis) -> None:
     first = svc.submit("noop", {"echo": "a"}, task_id="job-1")
     assert first["created_now"] and first["state"] == "queued" and first["id"] == "job-1"
     again = svc.submit("noop", {"echo": "a"}, task_id="job-1")
@@ -213,9 +211,7 @@ def test_burst_worker_runs_selftest(rt: Runtime, svc: TaskService) -> None:
     assert entries[-1].kind == "state" and entries[-1].data["state"] == "succeeded"
 
 
-def test_ttl_only_once_finished(
-    make_rt: Callable[..., Runtime], redis_client: redis.Redis
-) -> None:
+def test_ttl_only_once_finished(make_rt: Callable[..., Runtime], redis_client: redis.Redis) -> None:
     rt = make_rt(task_ttl=60)
     svc = rt.tasks
     task = svc.submit("noop", {})
@@ -230,9 +226,7 @@ def test_ttl_only_once_finished(
 
 
 def test_retry_resumes_from_checkpoint(rt: Runtime, svc: TaskService) -> None:
-    task = svc.submit(
-        "selftest", {"steps": 5, "step_seconds": 0, "fail_at": 3, "fail_attempts": 1}
-    )
+    task = svc.submit("selftest", {"steps": 5, "step_seconds": 0, "fail_at": 3, "fail_attempts": 1})
     stats = _run_burst(rt)
     assert stats == Counter({"retry": 1, "succeeded": 1})
     status = svc.get(task["id"])
@@ -262,8 +256,8 @@ def test_poison_task_goes_dead_and_worker_keeps_running(rt: Runtime, svc: TaskSe
 
 
 def test_permanent_failure_is_not_retried(rt: Runtime, svc: TaskService) -> None:
-    task = svc.submit("selftest", {"steps": 2, "step_seconds": 0, "fail_at": 1,
-                                   "fail_permanent": True})  # fmt: skip
+    args = {"steps": 2, "step_seconds": 0, "fail_at": 1, "fail_permanent": True}
+    task = svc.submit("selftest", args)
     assert _run_burst(rt) == Counter({"failed": 1})
     status = svc.get(task["id"])
     assert status["state"] == "failed" and status["attempt"] == 1
@@ -546,14 +540,9 @@ def test_download_task_pulls_from_mirror(
     assert (settings.models_path / "org/small/model.safetensors").stat().st_size == 4096
 
 
-# -- known defects ----------------------------------------------------------------------------
+# -- regressions ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="FINISH's retry branch ignores a pending cancel: the task is requeued (and later "
-    "run again) instead of ending cancelled, unlike RELEASE and EXPIRE_LEASE",
-    strict=True,
-)
 def test_cancel_requested_then_retryable_failure_ends_cancelled(rt: Runtime) -> None:
     store = rt.task_store
     store.enqueue("c1", "noop", {}, queue=Q, max_attempts=3)
@@ -566,11 +555,6 @@ def test_cancel_requested_then_retryable_failure_ends_cancelled(rt: Runtime) -> 
     assert status["state"] == "cancelled"
 
 
-@pytest.mark.xfail(
-    reason="a burst worker waits for counts()['queued'] == 0 over every queue, so it never "
-    "stops while another queue holds a task",
-    strict=True,
-)
 def test_burst_worker_stops_when_its_own_queue_is_empty(rt: Runtime, svc: TaskService) -> None:
     svc.submit("noop", {}, queue="elsewhere")
     assert _burst(rt.worker(burst=True), timeout=3.0) == Counter()

@@ -37,6 +37,23 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
+def _workers_check(rt: Runtime) -> Check:
+    alive = rt.tasks.alive_workers()
+    counts = rt.tasks.counts()
+    queued = f"{counts['queued']} queued, {counts['running']} running"
+    if not alive:
+        return Check(
+            "task workers",
+            False,
+            f"none alive ({queued}); start one with `yichui worker`",
+            required=False,
+        )
+    slots = sum(int(w.get("concurrency", 1)) for w in alive)
+    return Check(
+        "task workers", True, f"{len(alive)} alive, {slots} slots ({queued})", required=False
+    )
+
+
 def run_checks(rt: Runtime) -> list[Check]:
     s = rt.settings
     checks: list[Check] = []
@@ -45,6 +62,7 @@ def run_checks(rt: Runtime) -> list[Check]:
         version = client.info("server").get("redis_version", "?")
         mode = "embedded" if not s.redis_url else target.kind
         checks.append(Check("redis", True, f"{target.display} ({mode}), Redis {version}"))
+        checks.append(_workers_check(rt))
     except YichuiError as exc:
         checks.append(Check("redis", False, exc.message))
 

@@ -20,8 +20,25 @@ def up(ctx: typer.Context, json: bool = JsonOpt) -> None:
         with err_console.status(f"importing the bundled model as {name} (about a minute)…"):
             import_gguf(registry, bundled_gguf(), name)
     listing = registry.listing()
+    counts = rt.tasks.counts()
+    workers = rt.tasks.alive_workers()
     if json:
-        print_json({"redis": target.display, "models": listing.models})
+        print_json(
+            {
+                "redis": target.display,
+                "models": listing.models,
+                "tasks": counts,
+                "workers": len(workers),
+            }
+        )
         return
     console.print(f"Redis: {target.display}")
     console.print(_table(listing.models, title=f"models in {rt.settings.models_path}"))
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none yet"
+    console.print(f"tasks: {summary}; workers alive: {len(workers)}", highlight=False)
+    if not workers:
+        err_console.print(
+            "run background jobs with `yichui worker` "
+            "(try `yichui tasks selftest --wait` beside it)",
+            highlight=False,
+        )

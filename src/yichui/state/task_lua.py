@@ -136,7 +136,7 @@ return 1
 
 # ARGV[5] token, [6] outcome (succeeded|failed|cancelled|dead|retry), [7] result or error JSON,
 # [8] ttl ms, [9] keep ms, [10] retry delay ms, [11] final progress JSON or ''
-# -> 0 lease lost (nothing written), 1 written
+# A failure after a cancel request ends the task cancelled. -> 0 lease lost, 1 written
 FINISH = (
     _PRELUDE
     + """
@@ -146,20 +146,26 @@ if ARGV[11] ~= '' then
   emit('progress', ARGV[11])
 end
 local outcome = ARGV[6]
+local payload = ARGV[7]
+if outcome ~= 'succeeded' and redis.call('HEXISTS', status, 'cancel') == 1 then
+  -- a cancel was asked for while it ran: it ends cancelled, not retried or dead-lettered
+  outcome = 'cancelled'
+  payload = cjson.encode({type = 'Cancelled', message = 'cancelled by user'})
+end
 if outcome == 'retry' then
   drop_current()
   redis.call('ZREM', running, id)
   redis.call('HDEL', status, 'token')
   local due = now + tonumber(ARGV[10])
-  redis.call('HSET', status, 'last_error', ARGV[7], 'retry_at', due)
+  redis.call('HSET', status, 'last_error', payload, 'retry_at', due)
   redis.call('ZADD', delayed, due, id)
   set_state('queued', {retry_at = due})
   return 1
 end
 if outcome == 'succeeded' then
-  redis.call('HSET', status, 'result', ARGV[7])
+  redis.call('HSET', status, 'result', payload)
 else
-  redis.call('HSET', status, 'error', ARGV[7])
+  redis.call('HSET', status, 'error', payload)
 end
 finish(outcome, tonumber(ARGV[8]), tonumber(ARGV[9]))
 return 1
@@ -335,4 +341,16 @@ local info = cjson.decode(ARGV[4])
 info.heartbeat = now
 redis.call('HSET', KEYS[3], ARGV[2], cjson.encode(info))
 return out
+"""
+
+# KEYS[1] queue stream, KEYS[2] delayed; ARGV[1] group -> tasks of this queue waiting for a
+# worker: entries not yet delivered (acked ones are deleted) plus retries in backoff
+BACKLOG = """
+local len = redis.call('XLEN', KEYS[1])
+local pending = 0
+if len > 0 then
+  local ok, summary = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+  if ok then pending = tonumber(summary[1]) end
+end
+return len - pending + redis.call('ZCARD', KEYS[2])
 """

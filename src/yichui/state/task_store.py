@@ -115,6 +115,7 @@ class TaskStore:
                 "RETRY",
                 "DUE",
                 "HEARTBEAT",
+                "BACKLOG",
             )
         }
         self._index_keys = [keys.task_index(s) for s in STATES]
@@ -299,6 +300,15 @@ class TaskStore:
         for task_id, token in held:
             argv += [task_id, token]
         return [int(x) for x in self._scripts["HEARTBEAT"](keys=keys, args=argv)]
+
+    def backlog(self, queue: str) -> int:
+        """Tasks of ``queue`` waiting for a worker (undelivered, or retries in backoff)."""
+        k = self.keys
+        return int(
+            self._scripts["BACKLOG"](
+                keys=[k.task_queue(queue), k.task_delayed(queue)], args=[GROUP]
+            )
+        )
 
     def remove_worker(self, worker: str, queue: str) -> None:
         self.client.hdel(self.keys.task_workers(), worker)

@@ -105,7 +105,16 @@ class TaskService:
         return self.store.counts()
 
     def workers(self) -> list[dict[str, Any]]:
-        return self.store.workers()
+        """Every worker entry, each with ``alive``: a heartbeat within three intervals."""
+        stale_after = 3 * self.settings.task_heartbeat
+        out = self.store.workers()
+        for w in out:
+            w["heartbeat"] = w.get("heartbeat", 0) / 1000.0
+            w["alive"] = time.time() - w["heartbeat"] < stale_after
+        return out
+
+    def alive_workers(self) -> list[dict[str, Any]]:
+        return [w for w in self.workers() if w["alive"]]
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel: a queued task never runs; a running one is told within a heartbeat."""

@@ -189,7 +189,7 @@ class Worker:
             if self._inflight:
                 return False
         try:
-            return self.store.counts()["queued"] == 0
+            return self.store.backlog(self.queue) == 0
         except _ERRORS:
             return False
 
@@ -309,6 +309,8 @@ class Worker:
         except Exception as exc:
             if ctx.stopping in (LeaseLost, HandedBack):
                 return None, {}, 0.0
+            if ctx.stopping is TaskCancelled:  # it failed on its way out: still a cancel
+                return "cancelled", {"type": "Cancelled", "message": "cancelled by user"}, 0.0
             err = error_payload(exc)
             log.warning(
                 "task %s: attempt %d failed: %s: %s",
