@@ -95,7 +95,7 @@ return {1}
 )
 
 # ARGV[5] stream entry id, [6] worker id, [7] new token, [8] lease ms
-# -> {1, attempt, type, args, checkpoint, max_attempts} or {0, state}
+# -> {1, attempt, type, args, checkpoint, max_attempts, fence} or {0, state}
 CLAIM = (
     _PRELUDE
     + """
@@ -107,13 +107,14 @@ if state ~= 'queued' or current ~= ARGV[5] then
   return {0, state or 'missing'}
 end
 local attempt = redis.call('HINCRBY', status, 'attempt', 1)
+local fence = redis.call('HINCRBY', status, 'fence', 1)
 redis.call('HSET', status, 'token', ARGV[7], 'worker', ARGV[6], 'started', now, 'heartbeat', now)
 redis.call('HDEL', status, 'retry_at')
 redis.call('ZADD', running, now + tonumber(ARGV[8]), id)
 set_state('running', {worker = ARGV[6]})
 return {1, attempt, redis.call('HGET', status, 'type'), redis.call('HGET', status, 'args'),
         redis.call('HGET', status, 'checkpoint') or '',
-        tonumber(redis.call('HGET', status, 'max_attempts'))}
+        tonumber(redis.call('HGET', status, 'max_attempts')), fence}
 """
 )
 

@@ -27,7 +27,7 @@ GROUP = "workers"
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "dead")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
 
-_INT_FIELDS = ("attempt", "max_attempts")
+_INT_FIELDS = ("attempt", "max_attempts", "fence")
 _TIME_FIELDS = ("created", "started", "finished", "updated", "heartbeat", "retry_at", "cancel")
 """Stored as ms on the Redis clock, returned as seconds since the epoch."""
 _JSON_FIELDS = ("args", "progress", "metrics", "error", "last_error", "result", "checkpoint")
@@ -44,6 +44,8 @@ class Claim:
     type: str
     args: dict[str, Any]
     checkpoint: Any
+    fence: int
+    """Grows by one at every claim of the task (hand-backs included), never repeats."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,7 @@ class TaskStore:
             type=_s(res[2]),
             args=loads(res[3]),
             checkpoint=checkpoint,
+            fence=int(res[6]),
         )
 
     def report(

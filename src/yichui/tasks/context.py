@@ -64,6 +64,9 @@ class TaskContext:
         self.attempt = claim.attempt
         """1 on the first run; higher when the task is retried or reclaimed from a dead worker."""
         self.max_attempts = claim.max_attempts
+        self.fence = claim.fence
+        """A number that grows with every claim of this task: tag external writes with it
+        (checkpoint folders, uploads) so a newer run can tell a stale run's output apart."""
         self.checkpoint: Any = claim.checkpoint
         """What the last attempt saved with :meth:`save_checkpoint` (None on a first run)."""
         self.queue = queue
