@@ -63,7 +63,7 @@ def test_exit_codes_follow_the_outcome(settings: Settings) -> None:
     )
     cancelled = tasks(settings, "submit", "noop")
     out = tasks(settings, "cancel", cancelled["id"])
-    assert out["state"] == "cancelled" and out["cancel"] == "cancelled"
+    assert out["state"] == "cancelled" and out["outcome"] == "cancelled"
     stderr = burst(settings, expect=1)  # a burst worker reports failures in its status
     assert "dead" in stderr
     shown = tasks(settings, "show", dead["id"])
@@ -73,7 +73,7 @@ def test_exit_codes_follow_the_outcome(settings: Settings) -> None:
     again = tasks(settings, "retry", cancelled["id"])
     assert again["state"] == "queued" and again["attempt"] == 0
     unchanged = tasks(settings, "cancel", dead["id"])
-    assert unchanged["cancel"] == "unchanged" and unchanged["state"] == "dead"
+    assert unchanged["outcome"] == "unchanged" and unchanged["state"] == "dead"
 
 
 def test_submit_is_idempotent_for_an_id(settings: Settings) -> None:

@@ -157,7 +157,7 @@ def test_sigterm_hands_running_tasks_back_at_once(redis_url: str, tmp_path: Path
         running = h.status(task["id"])
         assert running["worker"] == "B" and running["attempt"] == 1
         assert running["fence"] == 2  # unlike the attempt, the fence never repeats
-        assert h.svc.cancel(task["id"])["cancel"] == "requested"
+        assert h.svc.cancel(task["id"])["outcome"] == "requested"
         final = h.wait_state(task["id"], TERMINAL, 10)
         assert final["state"] == "cancelled"
         h.assert_clean()

@@ -249,6 +249,9 @@ def test_poison_task_goes_dead_and_worker_keeps_running(rt: Runtime, svc: TaskSe
         assert "gave up after 3 attempts" in message
         assert "selftest failed at step 1" in message
         assert status["error"]["type"] == "TaskFailedError"
+        lines = [e.data["line"] for e in _log(rt.task_store, poison["id"]) if e.kind == "log"]
+        failures = [ln for ln in lines if " failed: TaskFailedError" in ln]
+        assert [f.split(" failed")[0] for f in failures] == [f"attempt {i}" for i in (1, 2, 3)]
         after = svc.submit("noop", {"echo": "still here"})
         _wait_state(svc, after["id"], "succeeded")
         assert svc.get(after["id"])["result"] == {"echo": "still here"}
@@ -273,7 +276,7 @@ def test_cancel_queued_task_never_runs(
 ) -> None:
     task = svc.submit("selftest", {"steps": 2})
     cancelled = svc.cancel(task["id"])
-    assert cancelled["cancel"] == "cancelled" and cancelled["state"] == "cancelled"
+    assert cancelled["outcome"] == "cancelled" and cancelled["state"] == "cancelled"
     assert _run_burst(rt) == Counter()
     status = svc.get(task["id"])
     assert status["state"] == "cancelled" and status["attempt"] == 0
@@ -290,7 +293,7 @@ def test_cancel_running_task_stops_within_heartbeats(rt: Runtime, svc: TaskServi
         _wait_state(svc, task["id"], "running")
         start = time.monotonic()
         answer = svc.cancel(task["id"])
-        assert answer["cancel"] == "requested" and answer["state"] == "running"
+        assert answer["outcome"] == "requested" and answer["state"] == "running"
         _wait_state(svc, task["id"], "cancelled", timeout=5)
         assert time.monotonic() - start < 2.0
     assert worker.stats == Counter({"cancelled": 1})
@@ -306,7 +309,7 @@ def test_cancel_finished_or_unknown(rt: Runtime, svc: TaskService) -> None:
     task = svc.submit("noop", {})
     _run_burst(rt)
     answer = svc.cancel(task["id"])
-    assert answer["cancel"] == "unchanged" and answer["state"] == "succeeded"
+    assert answer["outcome"] == "unchanged" and answer["state"] == "succeeded"
     assert svc.get(task["id"])["state"] == "succeeded"
     assert "error" not in svc.get(task["id"])
     assert _terminal_entries(_log(rt.task_store, task["id"])) == 1
@@ -558,3 +561,49 @@ def test_cancel_requested_then_retryable_failure_ends_cancelled(rt: Runtime) -> 
 def test_burst_worker_stops_when_its_own_queue_is_empty(rt: Runtime, svc: TaskService) -> None:
     svc.submit("noop", {}, queue="elsewhere")
     assert _burst(rt.worker(burst=True), timeout=3.0) == Counter()
+
+
+def _unstorable(ctx: TaskContext, args: NoopArgs) -> dict[str, Any]:
+    return {"handle": object()}
+
+
+def test_result_that_cannot_be_stored_fails_without_retries(rt: Runtime) -> None:
+    types = TaskTypes()
+    types.register(TaskType("unstorable", NoopArgs, "tests.test_tasks_queue:_unstorable"))
+    svc = TaskService(rt.task_store, rt.settings, types)
+    task = svc.submit("unstorable", {})
+    worker = Worker(rt.task_store, types, lease=1.0, heartbeat=0.1, burst=True)
+    assert _burst(worker) == Counter({"failed": 1})
+    status = svc.get(task["id"])
+    assert (status["state"], status["attempt"]) == ("failed", 1)
+    assert "cannot be stored as JSON" in status["error"]["message"]
+
+
+def test_follow_of_a_retried_task_goes_on_past_the_old_end(rt: Runtime, svc: TaskService) -> None:
+    task = svc.submit("noop", {"echo": "again"})
+    svc.cancel(task["id"])
+    svc.retry(task["id"])
+    assert _run_burst(rt) == Counter({"succeeded": 1})
+    states = [e.data["state"] for e in svc.follow(task["id"]) if e.kind == "state"]
+    assert states == ["queued", "cancelled", "queued", "running", "succeeded"]
+
+
+def test_silent_workers_are_forgotten(rt: Runtime, redis_client: redis.Redis) -> None:
+    store = rt.task_store
+    store.ensure_group(Q)
+    now_ms = int(redis_client.time()[0]) * 1000
+    store.heartbeat(Q, "alive", 1000, {"id": "alive", "queue": Q, "running": []}, [])
+    redis_client.hset(
+        KEYS.task_workers(),
+        "killed",
+        json.dumps({"id": "killed", "queue": Q, "running": [], "heartbeat": now_ms - 600_000}),
+    )
+    store.read(Q, "killed", block_ms=1)  # the killed worker's consumer, nothing pending
+    time.sleep(0.2)
+    assert store.forget_workers(Q, stale_ms=100_000) == ["killed"]
+    assert [w["id"] for w in store.workers()] == ["alive"]
+    assert store.workers()[0]["running"] == []  # a list, though Lua writes {} for []
+    consumers = redis_client.xinfo_consumers(KEYS.task_queue(Q), GROUP)
+    assert consumers == [] or all(c["idle"] < 100_000 for c in consumers)
+    store.forget_workers(Q, stale_ms=100)
+    assert redis_client.xinfo_consumers(KEYS.task_queue(Q), GROUP) == []

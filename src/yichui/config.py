@@ -169,7 +169,10 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return _FileSettings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ConfigError(f"invalid setting {field}: {first['msg']}") from exc
+        msg = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across several fields
+            raise ConfigError(f"invalid settings: {msg}") from exc
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {field}: {msg}") from exc
     except ValueError as exc:  # malformed TOML
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc

@@ -176,7 +176,7 @@ def pull(
     """Fetch a model; concurrent pulls of one model (any host) download it once."""
     validate_name(name)
     rt = _rt(ctx)
-    if detach:
+    if detach and not dry_run:  # a dry run is instant: answer it here
         args = {
             "name": name,
             "source": source,

@@ -161,7 +161,7 @@ def _log_line(e: LogEntry) -> str:
         level = "" if d.get("level", "info") == "info" else f"{d['level']}: "
         return f"{stamp} {level}{d.get('line', '')}"
     if e.kind == "state":
-        stamp = time.strftime("%H:%M:%S", time.localtime(d.get("ts", 0) / 1000))
+        stamp = time.strftime("%H:%M:%S", time.localtime(d.get("ts", 0)))
         extra = f" on {d['worker']}" if d.get("worker") else ""
         if d.get("reason"):
             extra += f" ({d['reason']})"
@@ -193,7 +193,7 @@ def _print_entries(entries: Any, *, progress: bool, json: bool) -> None:
         if e.kind == "progress" and not progress:
             continue
         if json:
-            line = {"id": e.id, "kind": e.kind, **e.data}
+            line = {**e.data, "entry": e.id, "kind": e.kind}
             sys.stdout.write(orjson.dumps(line).decode() + "\n")
         else:
             console.print(_log_line(e), highlight=False, markup=False)
@@ -207,7 +207,8 @@ def watch_task(rt: Runtime, task_id: str, *, json: bool = False, lines: int = 10
     state = status["state"]
     if json:
         for e in svc.follow(task_id):
-            sys.stdout.write(orjson.dumps({"id": e.id, "kind": e.kind, **e.data}).decode() + "\n")
+            line = {**e.data, "entry": e.id, "kind": e.kind}
+            sys.stdout.write(orjson.dumps(line).decode() + "\n")
             sys.stdout.flush()
             if e.kind == "state":
                 state = e.data.get("state", state)
@@ -292,7 +293,7 @@ def cancel(ctx: typer.Context, task_id: IdArg, json: bool = JsonOpt) -> None:
         "cancelled": "cancelled",
         "requested": "cancel requested; the worker stops it within a heartbeat",
         "unchanged": f"already {t['state']}; nothing to cancel",
-    }[t["cancel"]]
+    }[t["outcome"]]
     console.print(f"{task_id}: {msg}", highlight=False)
 
 

@@ -33,7 +33,7 @@ local function set_state(new, extra)
   redis.call('ZADD', index[new], now, id)
   redis.call('HSET', status, 'state', new, 'updated', now)
   local ev = {id = id, state = new, type = redis.call('HGET', status, 'type'),
-              attempt = tonumber(redis.call('HGET', status, 'attempt') or '0'), ts = now}
+              attempt = tonumber(redis.call('HGET', status, 'attempt') or '0'), ts = now / 1000}
   if extra then for k, v in pairs(extra) do ev[k] = v end end
   local payload = cjson.encode(ev)
   emit('state', payload)
@@ -153,6 +153,13 @@ if outcome ~= 'succeeded' and redis.call('HEXISTS', status, 'cancel') == 1 then
   outcome = 'cancelled'
   payload = cjson.encode({type = 'Cancelled', message = 'cancelled by user'})
 end
+if outcome ~= 'succeeded' and outcome ~= 'cancelled' then
+  local ok, err = pcall(cjson.decode, payload)
+  local text = ok and ((err.type or '?') .. ': ' .. (err.message or '')) or payload
+  local attempt = redis.call('HGET', status, 'attempt') or '?'
+  emit('log', cjson.encode({ts = now / 1000, level = 'error',
+                            line = 'attempt ' .. attempt .. ' failed: ' .. text}))
+end
 if outcome == 'retry' then
   drop_current()
   redis.call('ZREM', running, id)
@@ -160,7 +167,7 @@ if outcome == 'retry' then
   local due = now + tonumber(ARGV[10])
   redis.call('HSET', status, 'last_error', payload, 'retry_at', due)
   redis.call('ZADD', delayed, due, id)
-  set_state('queued', {retry_at = due})
+  set_state('queued', {retry_at = due / 1000})
   return 1
 end
 if outcome == 'succeeded' then

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from yichui.errors import StateError
 from yichui.state import task_lua
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import REDIS_ERRORS, SyncRedis, state_errors
@@ -30,7 +31,7 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
 _INT_FIELDS = ("attempt", "max_attempts", "fence")
 _TIME_FIELDS = ("created", "started", "finished", "updated", "heartbeat", "retry_at", "cancel")
 """Stored as ms on the Redis clock, returned as seconds since the epoch."""
-_JSON_FIELDS = ("args", "progress", "metrics", "error", "last_error", "result", "checkpoint")
+_JSON_FIELDS = ("args", "progress", "error", "last_error", "result", "checkpoint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +389,31 @@ class TaskStore:
     @state_errors
     def workers(self) -> list[dict[str, Any]]:
         raw = self.client.hgetall(self.keys.task_workers())
-        return sorted((loads(v) for v in raw.values()), key=lambda w: str(w.get("id")))
+        out = sorted((loads(v) for v in raw.values()), key=lambda w: str(w.get("id")))
+        for w in out:
+            w["running"] = list(w.get("running") or [])  # Lua's cjson writes [] as {}
+        return out
+
+    def forget_workers(self, queue: str, *, stale_ms: int) -> list[str]:
+        """Drop workers silent for ``stale_ms`` (killed ones never say goodbye): their entry
+        and their consumer, once it holds no pending delivery. -> ids dropped."""
+        now_ms = int(self.client.time()[0]) * 1000
+        stream = self.keys.task_queue(queue)
+        dropped: list[str] = []
+        for w in self.workers():
+            if w.get("queue") != queue or now_ms - int(w.get("heartbeat", 0)) < stale_ms:
+                continue
+            self.client.hdel(self.keys.task_workers(), w["id"])
+            dropped.append(str(w["id"]))
+        try:
+            consumers = self.client.xinfo_consumers(stream, GROUP)
+        except redis.ResponseError:
+            return dropped
+        for c in consumers:
+            name = _s(c["name"])
+            if int(c["pending"]) == 0 and int(c["idle"]) >= stale_ms:
+                self.client.xgroup_delconsumer(stream, GROUP, name)
+        return dropped
 
     def log_entries(
         self, task_id: str, *, after: str = "0-0", block_ms: int | None = None, count: int = 500
@@ -401,6 +426,21 @@ class TaskStore:
             for entry_id, fields in entries:
                 out.append(LogEntry(_s(entry_id), _s(fields[b"k"]), loads(fields[b"d"])))
         return out
+
+    def _after(self, task_id: str, entry_id: str) -> bool:
+        """Whether the log holds anything after ``entry_id`` (True when Redis cannot say)."""
+        try:
+            return bool(self.log_entries(task_id, after=entry_id, count=1))
+        except REDIS_ERRORS:
+            return True
+
+    def _state(self, task_id: str) -> str | None:
+        """The task's state; None when it is gone, "" when Redis cannot say right now."""
+        try:
+            status = self.get(task_id)
+        except StateError:
+            return ""
+        return None if status is None else str(status.get("state"))
 
     def log_tail(self, task_id: str, n: int) -> list[LogEntry]:
         """The last ``n`` entries, oldest first."""
@@ -423,17 +463,20 @@ class TaskStore:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            for entry in entries:
+            for n, entry in enumerate(entries, 1):
                 last = entry.id
                 yield entry
-                if entry.kind == "state" and entry.data.get("state") in TERMINAL:
-                    return
+                if (
+                    entry.kind == "state"
+                    and entry.data.get("state") in TERMINAL
+                    and n == len(entries)  # an earlier run's end, of a retried task, is not
+                ):
+                    state = self._state(task_id)
+                    if state is None or (state in TERMINAL and not self._after(task_id, last)):
+                        return
             if not entries:
-                try:
-                    status = self.get(task_id)
-                except Exception:
-                    continue
-                if status is None or status.get("state") in TERMINAL:
+                state = self._state(task_id)
+                if state is None or state in TERMINAL:
                     # ended before we caught up: drain what is left, then stop
                     rest = self.log_entries(task_id, after=last)
                     yield from rest

@@ -18,7 +18,7 @@ def selftest(ctx: TaskContext, args: SelftestArgs) -> dict[str, Any]:
     else:
         ctx.log(f"attempt {ctx.attempt}: counting {args.steps} steps of {args.step_seconds}s")
     for step in range(start + 1, args.steps + 1):
-        if args.crash_at == step:
+        if args.crash_at == step and ctx.attempt <= args.crash_attempts:
             ctx.flush()
             os._exit(70)  # the fire drill: the worker dies without a word
         if args.fail_at == step and ctx.attempt <= args.fail_attempts:

@@ -122,7 +122,7 @@ class TaskService:
         if outcome == "missing":
             raise TaskNotFoundError(task_id)
         status = self.get(task_id)
-        status["cancel"] = outcome
+        status["outcome"] = outcome
         return status
 
     def retry(self, task_id: str, *, max_attempts: int | None = None) -> dict[str, Any]:

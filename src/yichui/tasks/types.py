@@ -48,7 +48,9 @@ class SelftestArgs(TaskArgs):
     fail_permanent: bool = False
     """Fail with a non-retryable error (the task ends ``failed`` at once)."""
     crash_at: int | None = Field(default=None, ge=1)
-    """Kill the whole worker process (``os._exit``) at this step, in every attempt."""
+    """Kill the whole worker process (``os._exit``) at this step…"""
+    crash_attempts: int = Field(default=1_000_000, ge=1)
+    """…in this many first attempts (default: every attempt)."""
 
 
 class NoopArgs(TaskArgs):

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
-from yichui.errors import StateError, YichuiError
+from yichui.errors import StateError, TaskFailedError, YichuiError
 from yichui.state.codec import dumps
 from yichui.state.connection import REDIS_ERRORS, mask_password
 from yichui.state.task_store import Claim, TaskStore
@@ -63,6 +63,11 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
 
 
 _ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, StateError)
+
+STALE_WORKER_MIN = 60.0
+"""Seconds of silence (at least) before a worker's entry and consumer are dropped."""
+STALE_WORKER_SWEEP = 30.0
+"""Seconds between two sweeps for dead workers, per worker."""
 
 
 class Worker:
@@ -297,8 +302,14 @@ class Worker:
             ctx.check()
             result = handler(ctx, args)
             ctx.check()
-            payload = dict(result or {})
-            dumps(payload)  # a result that cannot be stored fails the task, not the worker
+            try:
+                payload = dict(result or {})
+                dumps(payload)
+            except (TypeError, ValueError) as exc:  # running it again would not help
+                raise TaskFailedError(
+                    f"the result of {claim.type!r} cannot be stored as JSON: {exc}",
+                    retryable=False,
+                ) from exc
             return "succeeded", payload, 0.0
         except TaskCancelled:
             if ctx.stopping in (LeaseLost, HandedBack):
@@ -328,8 +339,8 @@ class Worker:
 
     def retry_delay(self, attempt: int) -> float:
         """Exponential backoff with ±50 % jitter, capped at ``backoff_max``."""
-        base = min(self.backoff_max, self.backoff * 2 ** (attempt - 1))
-        return float(base * random.uniform(0.5, 1.5))
+        base = self.backoff * 2 ** (attempt - 1)
+        return float(min(self.backoff_max, base * random.uniform(0.5, 1.5)))
 
     def _finish(
         self, ctx: TaskContext, outcome: str, payload: Mapping[str, Any], delay: float
@@ -367,13 +378,25 @@ class Worker:
 
     # -- housekeeping ---------------------------------------------------------------------------
     def _housekeeper(self) -> None:
+        last_sweep = time.monotonic()
+        with contextlib.suppress(*_ERRORS):
+            self.beat()  # show up in `tasks workers` at once
         while not self._halt.wait(self.heartbeat):
             try:
                 self.beat()
                 self.store.housekeep(self.queue, self.id, orphan_idle_ms=self.lease_ms)
+                if time.monotonic() - last_sweep > STALE_WORKER_SWEEP:
+                    last_sweep = time.monotonic()
+                    gone = self.store.forget_workers(self.queue, stale_ms=self._stale_ms())
+                    for worker_id in gone:
+                        log.info("forgot worker %s (silent for long)", worker_id)
                 self._up()
             except _ERRORS as exc:
                 self._down(exc)
+
+    def _stale_ms(self) -> int:
+        """A worker silent this long is dead (killed workers never say goodbye)."""
+        return int(max(STALE_WORKER_MIN, 20 * self.heartbeat, 2 * self.lease_ms / 1000) * 1000)
 
     def beat(self) -> None:
         """Renew our leases; pass cancels and lost leases on to the runs."""
