@@ -43,8 +43,18 @@ pytest: install-dev
 
 test: lint typecheck pytest              ## what CI runs
 
-bench: install-dev
+# bench/tasks.py compares the task engine with arq and RQ. They are no extras of the package, and
+# --no-deps: arq 0.28 declares redis<6 (it runs on our redis-py 8); all either needs at import is
+# redis (RQ's croniter is for its cron scheduler only, which the bench does not use).
+BENCH_PKGS := arq==0.28.0 rq==3.0.0
+
+$(VENV)/.bench-installed: $(VENV)/.dev-installed
+	$(BIN)/pip install $(PIP_ARGS) --quiet --no-deps $(BENCH_PKGS)
+	touch $@
+
+bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ
 	$(BIN)/python bench/model_status.py
+	$(BIN)/python bench/tasks.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info

@@ -98,6 +98,7 @@ def test_bad_input_is_one_line(settings: Settings) -> None:
     assert_one_line_error(run(settings, "tasks", "show", "t-missing"), 1, "not found")
     assert_one_line_error(run(settings, "tasks", "list", "--state", "bogus"), 2, "bogus")
     assert_one_line_error(run(settings, "worker", "--queue", "no way"), 2, "queue")
+    assert_one_line_error(run(settings, "tasks", "submit", "noop", "--queue", "no way"), 2, "queue")
     assert tasks(settings, "list")["counts"] == dict.fromkeys(
         ("queued", "running", "succeeded", "failed", "cancelled", "dead"), 0
     )

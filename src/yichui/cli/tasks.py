@@ -360,13 +360,22 @@ def submit(
         str | None, typer.Option("--id", help="Your own id: submitting it again is a no-op.")
     ] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1)] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue (default: task_queue).")] = None,
+    delay: Annotated[
+        float, typer.Option(min=0, help="Seconds before a worker may start it.")
+    ] = 0.0,
     wait: WaitOpt = False,
     json: bool = JsonOpt,
 ) -> None:
     """Queue a task of any type; arguments are checked before anything is queued."""
     rt = _rt(ctx)
     t = rt.tasks.submit(
-        task_type, _parse_args(arg, args), task_id=task_id, max_attempts=max_attempts
+        task_type,
+        _parse_args(arg, args),
+        task_id=task_id,
+        max_attempts=max_attempts,
+        queue=queue,
+        delay=delay,
     )
     _submitted(rt, t, wait=wait, json=json)
 
@@ -385,6 +394,9 @@ def selftest(
     crash_at: Annotated[
         int | None, typer.Option(min=1, help="Fire drill: kill the worker at this step.")
     ] = None,
+    crash_attempts: Annotated[
+        int | None, typer.Option(min=1, help="…only in the first N attempts.")
+    ] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1)] = None,
     wait: WaitOpt = False,
     json: bool = JsonOpt,
@@ -392,13 +404,13 @@ def selftest(
     """Check the workers end to end: a task that reports progress every step."""
     rt = _rt(ctx)
     args: dict[str, Any] = {"steps": steps, "step_seconds": step_seconds}
-    for key, value in (
-        ("fail_at", fail_at),
-        ("fail_attempts", fail_attempts),
-        ("crash_at", crash_at),
-    ):
-        if value is not None:
-            args[key] = value
+    drills = {
+        "fail_at": fail_at,
+        "fail_attempts": fail_attempts,
+        "crash_at": crash_at,
+        "crash_attempts": crash_attempts,
+    }
+    args.update({k: v for k, v in drills.items() if v is not None})
     t = rt.tasks.submit("selftest", args, max_attempts=max_attempts)
     _submitted(rt, t, wait=wait, json=json)
 

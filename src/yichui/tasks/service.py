@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from yichui.config import Settings
+from yichui.config import Settings, check_queue_name
 from yichui.errors import (
     InvalidTaskArgsError,
     TaskConflictError,
@@ -62,6 +62,13 @@ class TaskService:
             raise InvalidTaskArgsError(
                 f"invalid task id {task_id!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"
             )
+        if queue is not None:
+            try:
+                check_queue_name(queue)
+            except ValueError as exc:
+                raise InvalidTaskArgsError(f"invalid queue name {queue!r}: {exc}") from None
+        if delay < 0:
+            raise InvalidTaskArgsError("delay must be 0 or more seconds")
         if max_attempts is not None and max_attempts < 1:
             raise InvalidTaskArgsError("max_attempts must be at least 1")
         tid = task_id or new_task_id()
