@@ -61,7 +61,7 @@ import redis
 import redis.asyncio.connection as aconnection
 import redis.connection as sconnection
 
-from common import redis_server
+from common import end_process, redis_server
 from yichui.config import load_settings
 from yichui.runtime import Runtime
 from yichui.state.task_store import TERMINAL
@@ -244,13 +244,7 @@ def workers(spec: dict[str, Any], procs: int) -> Iterator[list[subprocess.Popen[
     finally:
         watchdog.cancel()
         for child in children:
-            if child.poll() is None:
-                child.terminate()
-            try:
-                child.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.communicate()
+            end_process(child)
 
 
 def collect(children: list[subprocess.Popen[str]], timeout: float) -> dict[str, float]:
