@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from yichui.cli.output import JsonOpt, console, err_console, human_size, print_json
+from yichui.cli.output import JsonOpt, console, err_console, human_size, print_json, warn
 from yichui.errors import InvalidTaskArgsError
 from yichui.runtime import Runtime
 from yichui.state.task_store import STATES, TERMINAL, LogEntry
@@ -201,10 +201,29 @@ def _print_entries(entries: Any, *, progress: bool, json: bool) -> None:
 
 
 def watch_task(rt: Runtime, task_id: str, *, json: bool = False, lines: int = 10) -> str:
-    """Follow a task to its end with a progress bar and the log tail -> its final state."""
+    """Follow a task to its end -> its final state. Ctrl-C stops watching, not the task."""
+    try:
+        return _watch(rt, task_id, json=json, lines=lines)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"stopped watching; {task_id} goes on (`yichui tasks watch {task_id}` to come back, "
+            f"`yichui tasks cancel {task_id}` to stop it)",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+
+
+def _watch(rt: Runtime, task_id: str, *, json: bool, lines: int) -> str:
     svc = rt.tasks
     status = svc.get(task_id)
     state = status["state"]
+    if state == "queued":
+        queue = status.get("queue") or rt.settings.task_queue
+        if not any(w.get("queue") == queue for w in svc.alive_workers()):
+            warn(
+                f"no worker is alive on queue {queue!r}: it waits until one starts "
+                "(`yichui worker`)"
+            )
     if json:
         for e in svc.follow(task_id):
             line = {**e.data, "entry": e.id, "kind": e.kind}
