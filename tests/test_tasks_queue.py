@@ -293,7 +293,8 @@ def test_cancel_running_task_stops_within_heartbeats(rt: Runtime, svc: TaskServi
         _wait_state(svc, task["id"], "running")
         start = time.monotonic()
         answer = svc.cancel(task["id"])
-        assert answer["outcome"] == "requested" and answer["state"] == "running"
+        # the status is read after the request: the worker may have stopped the run already
+        assert answer["outcome"] == "requested" and answer["state"] in ("running", "cancelled")
         _wait_state(svc, task["id"], "cancelled", timeout=5)
         assert time.monotonic() - start < 2.0
     assert worker.stats == Counter({"cancelled": 1})
