@@ -17,7 +17,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,6 +52,29 @@ def check_queue_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
         raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
     return value
+
+
+class UpstreamRoute(BaseModel):
+    """An OpenAI-compatible server that serves a model name (vLLM, SGLang, LMDeploy,
+    ``swift deploy``, Ollama)::
+
+        [upstreams."qwen2.5-72b"]
+        url = "http://gpu-box:8000/v1"
+        model = "Qwen/Qwen2.5-72B-Instruct"   # its name there (default: the same)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    """Base URL up to and including ``/v1``."""
+    model: str | None = None
+    api_key: SecretStr | None = None
+    timeout: float = Field(default=600.0, gt=0)
+    """Seconds for a whole answer (connect: 5 s)."""
+    honours_seed: bool = False
+    """Whether the same seed gives the same output there (vLLM: yes): seeded requests are then
+    cached."""
+    accepts_images: bool = False
 
 
 class Settings(BaseSettings):
@@ -103,6 +134,16 @@ class Settings(BaseSettings):
     coalesced, so task code may report every step."""
     worker_concurrency: int = Field(default=1, ge=1, le=256)
     """Tasks one ``yichui worker`` runs at once."""
+
+    model_memory_budget: int = Field(default=8 * 1024**3, gt=0)
+    """Bytes of weights the warm model pool keeps loaded; least recently used models that are
+    not in use are evicted to make room."""
+    inference_device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when there is one)."""
+    inference_dtype: str = "auto"
+    """``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``."""
+    upstreams: dict[str, UpstreamRoute] = Field(default_factory=dict)
+    """Model name -> the OpenAI-compatible server that serves it (see :class:`UpstreamRoute`)."""
 
     mirror_dir: Path | None = None
     """A local mirror folder laid out as ``<org>/<name>/…`` (a NAS "hub"): source ``mirror``."""

@@ -1,0 +1,141 @@
+"""The one interface every inference engine implements, and the values it speaks in.
+
+The API layer turns an OpenAI request into an :class:`EngineRequest` with every generation
+parameter resolved (defaults filled in as the engine applies them: the response cache keys on
+exactly these), asks an :class:`Engine` for a whole :class:`EngineResult` or a stream of
+:class:`EngineChunk`, and builds the OpenAI response body from that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+DEFAULT_MAX_TOKENS = 256
+"""``max_tokens`` when a request gives none (OpenAI's "up to the context" is too much for a CPU)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image content part, as bytes: a data URL decoded, or a local file read."""
+
+    data: bytes
+    media_type: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message. ``content`` is text, or parts: ``str`` text and :class:`ImagePart`."""
+
+    role: str
+    content: str | tuple[str | ImagePart, ...]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The text of the message (image parts left out)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p for p in self.content if isinstance(p, str))
+
+    def images(self) -> list[ImagePart]:
+        if isinstance(self.content, str):
+            return []
+        return [p for p in self.content if isinstance(p, ImagePart)]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Every parameter that changes the output, resolved (no None meaning "default")."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """What an engine runs: a chat (``messages``) or a plain completion (``prompt``)."""
+
+    model: str
+    kind: Literal["chat", "completion"]
+    params: GenerationParams
+    messages: tuple[Message, ...] = ()
+    prompt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class EngineResult:
+    choices: tuple[Choice, ...]
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class EngineChunk:
+    """A piece of a streamed answer: new ``text`` of choice ``index``; the last chunk of a
+    choice has ``finish_reason``; the very last chunk of a stream carries ``usage``."""
+
+    index: int
+    text: str = ""
+    finish_reason: Literal["stop", "length"] | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    """A model an engine serves, for ``/v1/models`` and the cache key."""
+
+    id: str
+    owned_by: str
+    fingerprint: str
+    """Changes whenever the weights do (re-download, merge): old cache entries become
+    unreachable. For an upstream: its URL and the model name there."""
+    created: int = 0
+    accepts_images: bool = False
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """An inference backend. Implementations: ``engines/local.py`` (transformers),
+    ``engines/upstream.py`` (an OpenAI-compatible server: vLLM, SGLang, Ollama, …)."""
+
+    name: str
+    honours_seed: bool
+    """Whether the same seed gives the same output (then a seeded request may be cached)."""
+
+    async def complete(self, request: EngineRequest) -> EngineResult:
+        """The whole answer (all ``n`` choices)."""
+        ...
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """The answer as it is generated."""
+        ...
+
+    async def close(self) -> None: ...
