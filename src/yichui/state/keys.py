@@ -90,3 +90,33 @@ class Keys:
     def task_events(self) -> str:
         """Pub/sub channel: JSON ``{"id", "type", "state", ...}`` on every task state change."""
         return self._k("task_events")
+
+    # -- response cache -----------------------------------------------------------------------
+    # An entry and its coalescing lock share the hash tag {<digest>}: one script stores the
+    # answer and releases the lock. The model name sits outside the tag so that `cache clear
+    # --model M` finds its entries with SCAN MATCH (never KEYS).
+    def response(self, model: str, digest: str) -> str:
+        """STRING, the cached response body (JSON envelope); TTL per model ± jitter."""
+        return self._k("response", model, "{" + digest + "}")
+
+    def response_lock(self, model: str, digest: str) -> str:
+        """STRING, owner token of the one request computing this answer (coalescing)."""
+        return self._k("response_lock", model, "{" + digest + "}")
+
+    def response_pattern(self, model: str | None = None) -> str:
+        """SCAN MATCH pattern of every entry (of one model)."""
+        body = "response:" + (_glob_escape(model) + ":" if model else "") + "*"
+        return f"{_glob_escape(self.namespace)}:{body}" if self.namespace else body
+
+    def response_stats(self) -> str:
+        """HASH, counters (hit, miss, coalesced, bypass, stored, errors, faults) of every
+        server, flushed about once a second."""
+        return self._k("response_stats")
+
+    def response_events(self) -> str:
+        """Pub/sub channel: ``{"key", "ok"}`` when a computation that others wait for ends."""
+        return self._k("response_events")
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,136 @@
+"""The response cache's Redis side (asyncio): entries, coalescing locks, events, counters.
+
+Only :mod:`yichui.inference.cache` uses this; it adds the timeouts and the circuit breaker that
+keep a slow or dead Redis from ever failing a request.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from yichui.state.codec import dumps, loads
+from yichui.state.connection import AsyncRedis
+from yichui.state.keys import Keys
+
+# KEYS[1] entry, KEYS[2] lock; ARGV[1] value, [2] ttl s, [3] token, [4] channel, [5] event
+# Store the answer, release our lock and tell the waiters, in one step.
+_STORE = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+# KEYS[1] lock; ARGV[1] token, [2] channel, [3] event: the computation failed (nothing stored)
+_FAIL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+# KEYS[1] lock; ARGV[1] token, [2] lease ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class ResponseStore:
+    """Entries are ``{"v": 1, "body": <response body>, "created": <s>}``."""
+
+    def __init__(self, client: AsyncRedis, keys: Keys) -> None:
+        self.client: Any = client  # redis-py's async stubs are too loose to help here
+        self.keys = keys
+        self._store = client.register_script(_STORE)
+        self._fail = client.register_script(_FAIL)
+        self._renew = client.register_script(_RENEW)
+
+    async def get(self, model: str, digest: str) -> dict[str, Any] | None:
+        raw = await self.client.get(self.keys.response(model, digest))
+        return None if raw is None else dict(loads(raw))
+
+    async def lock(self, model: str, digest: str, lease_ms: int) -> str | None:
+        """Become the one computing this answer -> our token, or None if someone else is."""
+        token = secrets.token_hex(12)
+        ok = await self.client.set(
+            self.keys.response_lock(model, digest), token, nx=True, px=lease_ms
+        )
+        return token if ok else None
+
+    async def renew(self, model: str, digest: str, token: str, lease_ms: int) -> bool:
+        key = self.keys.response_lock(model, digest)
+        return bool(await self._renew(keys=[key], args=[token, lease_ms]))
+
+    async def locked(self, model: str, digest: str) -> bool:
+        return bool(await self.client.exists(self.keys.response_lock(model, digest)))
+
+    async def put(
+        self, model: str, digest: str, envelope: Mapping[str, Any], ttl: int, token: str | None
+    ) -> None:
+        """Store, release our lock (if we hold it) and publish ``ok`` to the waiters."""
+        event = dumps({"key": digest, "ok": True}).decode()
+        await self._store(
+            keys=[self.keys.response(model, digest), self.keys.response_lock(model, digest)],
+            args=[dumps(dict(envelope)), ttl, token or "", self.keys.response_events(), event],
+        )
+
+    async def fail(
+        self, model: str, digest: str, token: str, error: Mapping[str, Any] | None
+    ) -> None:
+        """Release our lock and tell the waiters the computation failed (with its error)."""
+        event = dumps({"key": digest, "ok": False, "error": error}).decode()
+        await self._fail(
+            keys=[self.keys.response_lock(model, digest)],
+            args=[token, self.keys.response_events(), event],
+        )
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Events of finished computations, from one subscription (ends on a Redis error)."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.response_events())
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    yield dict(loads(message["data"]))
+        finally:
+            await pubsub.aclose()
+
+    async def add_stats(self, counts: Mapping[str, int]) -> None:
+        if counts:
+            pipe = self.client.pipeline(transaction=False)
+            for name, n in counts.items():
+                pipe.hincrby(self.keys.response_stats(), name, n)
+            await pipe.execute()
+
+    async def stats(self) -> dict[str, int]:
+        raw = await self.client.hgetall(self.keys.response_stats())
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def clear(self, model: str | None = None, *, batch: int = 500) -> int:
+        """Delete every entry (of one model) with SCAN, never KEYS -> entries deleted."""
+        deleted = 0
+        chunk: list[bytes] = []
+        async for key in self.client.scan_iter(match=self.keys.response_pattern(model), count=1000):
+            chunk.append(key)
+            if len(chunk) >= batch:
+                deleted += await self._delete(chunk)
+                chunk = []
+        if chunk:
+            deleted += await self._delete(chunk)
+        return deleted
+
+    async def _delete(self, keys: list[bytes]) -> int:
+        # one key per command: entries live in different cluster slots
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.unlink(key)
+        return sum(int(n) for n in await pipe.execute())
+
+    async def count(self, model: str | None = None) -> int:
+        n = 0
+        async for _ in self.client.scan_iter(match=self.keys.response_pattern(model), count=1000):
+            n += 1
+        return n

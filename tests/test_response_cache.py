@@ -1,0 +1,218 @@
+"""The response cache against a real Redis: keys, hits, coalescing, failing open."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from tests.redis_proc import RedisProcess, free_port
+from yichui.config import Settings, load_settings
+from yichui.inference.cache import Breaker, CacheStatus, CoalescedError, ResponseCache
+from yichui.inference.cache_key import cache_key, is_deterministic, key_document
+from yichui.inference.engine import EngineRequest, GenerationParams, ImagePart, Message
+from yichui.state.connection import make_async_client, parse_redis_url
+from yichui.state.keys import Keys
+from yichui.state.response_store import ResponseStore
+
+M = "org/model"
+
+
+def _request(**params: Any) -> EngineRequest:
+    return EngineRequest(
+        model=M,
+        kind="chat",
+        params=GenerationParams(**params),
+        messages=(Message("user", "What is the capital of France?"),),
+    )
+
+
+def _key(request: EngineRequest, scope: str = "t1", fingerprint: str = "fp1") -> str:
+    return cache_key(request, scope=scope, fingerprint=fingerprint)
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def test_every_output_parameter_changes_the_key() -> None:
+    base = _key(_request(temperature=0.0))
+    variants = [
+        dict(max_tokens=17),
+        dict(top_p=0.5),
+        dict(n=2),
+        dict(stop=("\n",)),
+        dict(seed=7),
+        dict(presence_penalty=0.5),
+        dict(frequency_penalty=0.5),
+        dict(temperature=0.7),
+    ]
+    keys = {_key(_request(**{"temperature": 0.0, **v})) for v in variants}  # type: ignore[arg-type]
+    assert len(keys) == len(variants) and base not in keys
+    assert _key(_request(temperature=0.0), scope="t2") != base
+    assert _key(_request(temperature=0.0), fingerprint="fp2") != base
+    other_model = EngineRequest(
+        "org/other", "chat", GenerationParams(temperature=0.0), _request().messages
+    )
+    assert _key(other_model) != base
+
+
+def test_equal_values_give_one_key() -> None:
+    assert _key(_request(temperature=0)) == _key(_request(temperature=0.0))  # type: ignore[arg-type]
+    assert _key(_request(temperature=-0.0)) == _key(_request(temperature=0.0))
+    as_parts = EngineRequest(
+        M,
+        "chat",
+        GenerationParams(temperature=0.0),
+        (Message("user", ("What is the capital ", "of France?")),),
+    )
+    assert _key(as_parts) == _key(_request(temperature=0.0))
+
+
+def test_images_enter_by_their_bytes() -> None:
+    def with_image(data: bytes) -> EngineRequest:
+        import hashlib
+
+        part = ImagePart(data, "image/png", hashlib.sha256(data).hexdigest())
+        return EngineRequest(
+            M, "chat", GenerationParams(temperature=0.0), (Message("user", ("describe", part)),)
+        )
+
+    assert _key(with_image(b"\x89PNG one")) == _key(with_image(b"\x89PNG one"))
+    assert _key(with_image(b"\x89PNG one")) != _key(with_image(b"\x89PNG two"))
+    doc = key_document(with_image(b"x"), scope="s", fingerprint="f")
+    assert "x" not in str(doc["messages"][0]["content"][1].get("data", ""))
+
+
+def test_determinism_policy() -> None:
+    assert is_deterministic(GenerationParams(temperature=0.0), honours_seed=False)
+    assert not is_deterministic(GenerationParams(), honours_seed=True)  # omitted = 1.0
+    assert is_deterministic(GenerationParams(seed=3), honours_seed=True)
+    assert not is_deterministic(GenerationParams(seed=3), honours_seed=False)
+
+
+# -- the cache ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def make_cache(settings: Settings) -> AsyncIterator[Callable[..., ResponseCache]]:
+    made: list[tuple[ResponseCache, Any]] = []
+
+    def make(url: str | None = None, **kwargs: Any) -> ResponseCache:
+        s = (
+            settings
+            if url is None
+            else load_settings(
+                redis_url=url,
+                data_dir=settings.data_dir,
+                redis_retries=0,
+                redis_connect_timeout=0.2,
+            )
+        )
+        client = make_async_client(parse_redis_url(str(s.redis_url)), s)
+        opts: dict[str, Any] = {"ttl_for": lambda model: 60, "timeout": 0.2, **kwargs}
+        cache = ResponseCache(ResponseStore(client, Keys()), **opts)
+        made.append((cache, client))
+        return cache
+
+    yield make
+    for cache, client in made:
+        await cache.close()
+        await client.aclose()
+
+
+def _body(text: str) -> dict[str, Any]:
+    return {"id": "x", "choices": [{"index": 0, "message": {"content": text}}]}
+
+
+async def _ask(
+    cache: ResponseCache, calls: list[str], text: str = "Paris", delay: float = 0.2, **session: Any
+) -> tuple[dict[str, Any], CacheStatus]:
+    async with cache.session(M, "k1", **session) as s:
+        if s.body is not None:
+            return s.body, s.status
+        calls.append(text)
+        await asyncio.sleep(delay)
+        body = _body(text)
+        await s.commit(body)
+        return body, s.status
+
+
+async def test_miss_then_hit(make_cache: Callable[..., ResponseCache]) -> None:
+    cache = make_cache()
+    await cache.start()
+    calls: list[str] = []
+    assert (await _ask(cache, calls))[1] == CacheStatus.MISS
+    body, status = await _ask(cache, calls)
+    assert status == CacheStatus.HIT and body == _body("Paris") and calls == ["Paris"]
+    # no-cache recomputes and refreshes; no-store computes without storing
+    assert (await _ask(cache, calls, "Lyon", refresh=True))[1] == CacheStatus.MISS
+    assert (await _ask(cache, calls))[0] == _body("Lyon")
+    assert await cache.store.clear(M) == 1  # type: ignore[union-attr]
+    assert (await _ask(cache, calls, "Nice", store=False))[1] == CacheStatus.MISS
+    assert (await _ask(cache, calls, "Nice", store=False))[1] == CacheStatus.MISS
+    assert calls == ["Paris", "Lyon", "Nice", "Nice"]
+
+
+async def test_concurrent_misses_compute_once(make_cache: Callable[..., ResponseCache]) -> None:
+    # two caches with their own connections stand for two server processes
+    a, b = make_cache(), make_cache()
+    await a.start()
+    await b.start()
+    await asyncio.sleep(0.1)  # subscriptions in place
+    calls: list[str] = []
+    results = await asyncio.gather(*(_ask(a if i % 2 else b, calls) for i in range(50)))
+    assert calls == ["Paris"]
+    statuses = [s for _, s in results]
+    assert statuses.count(CacheStatus.MISS) == 1
+    assert statuses.count(CacheStatus.COALESCED) == 49
+    assert all(body == _body("Paris") for body, _ in results)
+
+
+async def test_a_failed_leader_fails_its_waiters(make_cache: Callable[..., ResponseCache]) -> None:
+    a, b = make_cache(), make_cache()
+    await a.start()
+    await b.start()
+    await asyncio.sleep(0.1)
+
+    async def failing() -> None:
+        async with a.session(M, "k1") as s:
+            assert s.body is None
+            await asyncio.sleep(0.3)
+            await s.fail({"message": "engine exploded", "status": 502})
+
+    async def waiting(cache: ResponseCache) -> None:
+        await asyncio.sleep(0.05)
+        with pytest.raises(CoalescedError) as err:
+            async with cache.session(M, "k1"):
+                raise AssertionError("a waiter must not compute")
+        assert err.value.error["message"] == "engine exploded"
+
+    await asyncio.gather(failing(), waiting(a), waiting(b))
+    assert await a.store.get(M, "k1") is None  # type: ignore[union-attr]  # errors never stored
+
+
+async def test_redis_down_fails_open_and_recovers(
+    make_cache: Callable[..., ResponseCache], tmp_path: Any
+) -> None:
+    port = free_port()
+    cache = make_cache(f"redis://127.0.0.1:{port}/0", breaker=Breaker(threshold=2, cooldown=0.5))
+    await cache.start()
+    calls: list[str] = []
+    started = time.monotonic()
+    for _ in range(5):
+        _, status = await _ask(cache, calls, delay=0)
+        assert status == CacheStatus.BYPASS
+    assert time.monotonic() - started < 2.0  # bounded by the timeout, then the breaker
+    assert len(calls) == 5 and cache.breaker.state in ("open", "half-open")
+    assert cache.counts["faults"] >= 2
+    server = RedisProcess(tmp_path / "r", port=port).start()
+    try:
+        await asyncio.sleep(0.6)  # cooldown over: the next request probes and succeeds
+        _, status = await _ask(cache, calls, delay=0)
+        assert status == CacheStatus.MISS and cache.breaker.state == "closed"
+        assert (await _ask(cache, calls, delay=0))[1] == CacheStatus.HIT
+    finally:
+        server.stop()
