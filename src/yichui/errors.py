@@ -16,13 +16,16 @@
     │   │   ├── SourceNotFoundError (LookupError)
     │   │   └── SourceUnavailableError (ConnectionError)
     │   └── DownloadError (OSError)           disk full, permission denied, interrupted
-    └── TaskError                             the task engine (has ``task_id``)
-        ├── UnknownTaskTypeError (ValueError)
-        ├── InvalidTaskArgsError (ValueError) arguments that do not fit the task type
-        ├── TaskNotFoundError (LookupError)   no such task (never queued, or expired)
-        ├── TaskConflictError (ValueError)    an id reused with other arguments
-        ├── TaskStateError                    not allowed in the task's state (retry a running one)
-        └── TaskFailedError                   raised by task code to fail on purpose
+    ├── TaskError                             the task engine (has ``task_id``)
+    │   ├── UnknownTaskTypeError (ValueError)
+    │   ├── InvalidTaskArgsError (ValueError) arguments that do not fit the task type
+    │   ├── TaskNotFoundError (LookupError)   no such task (never queued, or expired)
+    │   ├── TaskConflictError (ValueError)    an id reused with other arguments
+    │   ├── TaskStateError                    not allowed in the task's state (retry a running one)
+    │   └── TaskFailedError                   raised by task code to fail on purpose
+    └── InferenceError                        running a model
+        ├── UpstreamError                     an upstream server failed (has ``status``, ``body``)
+        └── ImagesNotAcceptedError (ValueError)  image parts for a text-only model
 
 Each error carries structured fields and an optional ``hint`` telling the user what to do
 next; the CLI and the API translate them once, at their edge. ``retryable`` tells the task
@@ -30,6 +33,8 @@ engine whether running the same task again could succeed: bad input never will.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class YichuiError(Exception):
@@ -200,3 +205,43 @@ class TaskFailedError(TaskError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class InferenceError(YichuiError):
+    """Running a model failed."""
+
+
+class UpstreamError(InferenceError):
+    """An upstream did not give a whole, well-formed answer.
+
+    ``status`` is the HTTP status to answer with: 502 (unreachable or a bad reply), 504 (timed
+    out) or the upstream's own 4xx. ``body`` is the upstream's OpenAI error body (``{"error":
+    {...}}``), set only when that 4xx is passed through: the API answers with it as is.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        body: dict[str, Any] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.body = body
+        self.retryable = status >= 500
+
+
+class ImagesNotAcceptedError(InferenceError, ValueError):
+    """The request has image parts but the route's model does not take images."""
+
+    exit_code = 2
+    retryable = False
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} does not accept images",
+            hint=f"set upstreams.{model}.accepts_images = true if the upstream model does",
+        )
+        self.model = model

@@ -11,7 +11,7 @@ import click
 import typer
 
 from yichui import __version__
-from yichui.cli import doctor, models, redis_cmd, tasks, up, worker
+from yichui.cli import cache_cmd, chat, doctor, models, redis_cmd, serve, tasks, up, worker
 from yichui.cli.output import err_console
 from yichui.config import load_settings
 from yichui.errors import YichuiError
@@ -28,6 +28,9 @@ app.add_typer(models.app, name="models")
 app.add_typer(redis_cmd.app, name="redis")
 app.add_typer(tasks.app, name="tasks")
 app.command("worker")(worker.worker)
+app.command("serve")(serve.serve)
+app.command("chat")(chat.chat)
+app.add_typer(cache_cmd.app, name="cache")
 app.command("doctor")(doctor.doctor)
 app.command("up")(up.up)
 

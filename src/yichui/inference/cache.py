@@ -167,10 +167,16 @@ class ResponseCache:
         return max(1, round(base * (1.0 + random.uniform(-self.jitter, self.jitter))))
 
     def session(
-        self, model: str, key: str, *, refresh: bool = False, store: bool = True
+        self,
+        model: str,
+        key: str,
+        *,
+        refresh: bool = False,
+        store: bool = True,
+        max_age: float | None = None,
     ) -> CacheSession:
         """A request's way through the cache (see the module docstring)."""
-        return CacheSession(self, model, key, refresh=refresh, store=store)
+        return CacheSession(self, model, key, refresh=refresh, store=store, max_age=max_age)
 
     # -- waiting on other processes ------------------------------------------------------------
     async def _listen(self) -> None:
@@ -210,9 +216,17 @@ class CacheSession:
     answer; otherwise the caller computes and calls :meth:`commit` (or raises)."""
 
     def __init__(
-        self, cache: ResponseCache, model: str, key: str, *, refresh: bool, store: bool
+        self,
+        cache: ResponseCache,
+        model: str,
+        key: str,
+        *,
+        refresh: bool,
+        store: bool,
+        max_age: float | None = None,
     ) -> None:
         self.cache = cache
+        self.max_age = max_age
         self.model = model
         self.key = key
         self.refresh = refresh
@@ -227,10 +241,16 @@ class CacheSession:
         c = self.cache
         local = c._local.get(self.key)
         if local is not None and not self.refresh:
-            self.body = dict(await asyncio.shield(local))  # its error is raised here too
-            self.status = CacheStatus.COALESCED
-            c.count("coalesced")
-            return self
+            try:
+                self.body = dict(await asyncio.shield(local))
+            except CoalescedError as exc:
+                if not exc.error.get("retry"):
+                    raise  # the leader's error is ours too
+                self.body = None  # its client went away mid-answer: compute it ourselves
+            if self.body is not None:
+                self.status = CacheStatus.COALESCED
+                c.count("coalesced")
+                return self
         # lead this process's identical requests from here on
         self._future = asyncio.get_running_loop().create_future()
         c._local[self.key] = self._future
@@ -251,7 +271,14 @@ class CacheSession:
                 if not ok:
                     self._bypass()
                     return
-                if entry is not None:
+                too_old = (
+                    entry is not None
+                    and self.max_age is not None
+                    and time.time() - float(entry.get("created", 0)) > self.max_age
+                )
+                if too_old:
+                    self.refresh = True  # recompute, then store the fresh answer
+                elif entry is not None:
                     status = CacheStatus.COALESCED if waited else CacheStatus.HIT
                     self._resolve(entry["body"], status)
                     return
@@ -271,6 +298,8 @@ class CacheSession:
                     self._bypass("coalesce_timeouts")
                     return
                 continue  # its lock lapsed (leader died): try again, maybe as the leader
+            if not event.get("ok") and (event.get("error") or {}).get("retry"):
+                continue  # its client went away mid-answer: try again, maybe as the leader
             if not event.get("ok"):
                 c.count("coalesced_errors")
                 error = CoalescedError(event.get("error"))
@@ -380,7 +409,11 @@ class CacheSession:
     ) -> None:
         if self._future is not None and not self._future.done():
             # left without commit or fail: an error, or an interrupted stream
-            message = "the request computing this answer was interrupted"
+            error: dict[str, Any] = {
+                "message": "the request computing this answer was interrupted",
+                "status": 503,
+                "retry": True,
+            }
             if exc is not None and not isinstance(exc, asyncio.CancelledError):
-                message = f"{type(exc).__name__}: {exc}"
-            await asyncio.shield(self.fail({"message": message, "status": 500}))
+                error = {"message": f"{type(exc).__name__}: {exc}", "status": 500}
+            await asyncio.shield(self.fail(error))

@@ -1,0 +1,174 @@
+"""``create_app(settings)``: the HTTP API of one server process.
+
+::
+
+    app = create_app(load_settings())          # uvicorn yichui.api.app:app --factory
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from yichui import __version__
+from yichui.api.errors import error_body, install_handlers
+from yichui.api.openai.router import router as openai_router
+from yichui.api.openai.serving import Serving
+from yichui.config import Settings, load_settings
+from yichui.errors import StateError
+from yichui.inference.cache import ResponseCache
+from yichui.inference.router import ModelRouter
+from yichui.runtime import Runtime
+from yichui.state.connection import make_async_client, parse_redis_url, resolve_url
+from yichui.state.response_store import ResponseStore
+
+log = logging.getLogger("yichui.api")
+
+
+class BodyLimit:
+    """413 for a body over ``limit`` bytes, by Content-Length or while it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _too_large(send, self.limit)
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _too_large(send, self.limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    import orjson
+
+    body = orjson.dumps(error_body(413, f"request body over the {limit} byte limit"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _ttl_for(settings: Settings) -> Any:
+    def ttl(model: str) -> int:
+        return settings.response_ttl_by_model.get(model, settings.response_ttl)
+
+    return ttl
+
+
+def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
+    """The app, wired to ``settings`` (built from the environment when not given)."""
+    settings = settings or load_settings()
+    rt = runtime or Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:  # start (or find) Redis; the API still serves, uncached, when it cannot
+            url = resolve_url(settings)
+        except StateError as exc:
+            log.warning("Redis unavailable at start (%s): serving uncached", exc)
+            url = settings.redis_url or "redis://127.0.0.1:1/0"
+        client = make_async_client(parse_redis_url(url), settings)
+        cache = ResponseCache(
+            ResponseStore(client, rt.keys),
+            ttl_for=_ttl_for(settings),
+            jitter=settings.ttl_jitter,
+            timeout=settings.cache_timeout,
+            wait=settings.cache_wait,
+        )
+        await cache.start()
+        local, upstream = _engines(settings, rt)
+        router = ModelRouter(settings, rt.registry, local=local, upstream=upstream)
+        app.state.settings = settings
+        app.state.runtime = rt
+        app.state.cache = cache
+        app.state.serving = Serving(router, cache, shared=settings.cache_shared)
+        try:
+            yield
+        finally:
+            await cache.close()
+            for engine in (local, upstream):
+                if engine is not None:
+                    await engine.close()
+            await client.aclose()
+            if runtime is None:
+                rt.close()
+
+    app = FastAPI(
+        title="yichui",
+        version=__version__,
+        summary="OpenAI-compatible inference with a Redis response cache",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_handlers(app)
+    app.include_router(openai_router)
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness, and whether the response cache reaches Redis (no auth needed)."""
+        cache: ResponseCache = request.app.state.cache
+        return {"status": "ok", "cache": cache.breaker.state}
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _engines(settings: Settings, rt: Runtime) -> tuple[Any, Any]:
+    local = upstream = None
+    try:
+        from yichui.inference.engines.local import LocalEngine
+        from yichui.inference.pool import ModelPool
+
+        pool = ModelPool(
+            budget_bytes=settings.model_memory_budget,
+            device=settings.inference_device,
+            dtype=settings.inference_dtype,
+        )
+        local = LocalEngine(rt.registry, pool)
+    except ImportError as exc:  # no [ml] extra: upstream routes only
+        log.warning("local engine unavailable (%s); serving upstream routes only", exc)
+    if settings.upstreams:
+        from yichui.inference.engines.upstream import UpstreamEngine
+
+        upstream = UpstreamEngine(settings.upstreams)
+    return local, upstream
+
+
+def app() -> FastAPI:
+    """For ``uvicorn --factory yichui.api.app:app``."""
+    return create_app()

@@ -1,0 +1,1 @@
+"""OpenAI-compatible endpoints: ``router`` (thin), ``protocol`` (schemas), ``serving`` (work)."""

@@ -1,0 +1,384 @@
+"""A warm pool of loaded local models, shared by every request of one process.
+
+Loading a model takes seconds (a real one) and its weights take memory, so models stay loaded
+between requests, within a memory budget::
+
+    pool = ModelPool(budget_bytes=settings.model_memory_budget)
+    async with pool.use(name, path, fingerprint) as loaded:
+        async with loaded.lock:            # one generation at a time per model
+            ...loaded.model, loaded.tokenizer...
+
+- Concurrent first requests for a model share one load; a failed load is not kept (the next
+  request tries again) and its error reaches every request that waited for it.
+- A changed fingerprint (the model was re-downloaded or merged) loads the model again.
+- Before a load, least recently used models that no request is using are evicted until the new
+  one fits the budget; a model in use is never evicted. When nothing more can be evicted the
+  model is loaded anyway (with a warning): the pool goes over budget rather than refuse, and
+  comes back within it as models are released.
+
+All methods are meant for one event loop; loads run in a worker thread so the loop keeps
+answering. torch and transformers are imported only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import json
+import logging
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yichui.errors import MissingExtraError, ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""The dtypes a model may be loaded in, with their element size in bytes."""
+
+# element sizes of safetensors dtypes, for the estimate read from the file headers
+_ST_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+_ST_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+class ModelLoadError(ModelError):
+    """A model's files could not be loaded (broken config, missing weights, out of memory)."""
+
+    status = 500
+    """What the API answers with (its message, rather than a bare "internal error")."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"cannot load model {name!r}: {reason}",
+            name=name,
+            hint=f"check its files with `yichui models verify {name}`",
+        )
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model in the pool. ``lock`` serializes generation on it; ``nbytes`` is the size of
+    its weights in memory."""
+
+    name: str
+    path: Path
+    fingerprint: str
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    nbytes: int
+    load_seconds: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    """Requests inside ``pool.use()`` of this model right now (in use: not evictable)."""
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ModelPool:
+    """Loaded models of this process, least recently used first, within ``budget_bytes``.
+
+    ``device``: ``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``bfloat16``, ``float16`` or
+    ``float32``.
+    """
+
+    def __init__(self, *, budget_bytes: int, device: str = "auto", dtype: str = "auto") -> None:
+        if budget_bytes <= 0:
+            raise ValueError("budget_bytes must be positive")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        self.budget_bytes = budget_bytes
+        self.device = device
+        self.dtype = dtype
+        self.loads = 0
+        self.evictions = 0
+        self.hits = 0
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        # One load at a time: each load decides what to evict from a settled set of models.
+        self._load_lock = asyncio.Lock()
+
+    # -- public -------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def use(self, name: str, path: Path, fingerprint: str) -> AsyncIterator[LoadedModel]:
+        """The loaded model ``name`` (loaded from ``path`` first if needed), kept from
+        eviction until the block exits."""
+        entry = await self._acquire(name, Path(path), fingerprint)
+        try:
+            yield entry
+        finally:
+            self._release(entry)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights loaded now."""
+        return sum(e.nbytes for e in self._models.values())
+
+    def loaded(self) -> list[str]:
+        """Names of the loaded models, least recently used first."""
+        return list(self._models)
+
+    def stats(self) -> dict[str, Any]:
+        """What is loaded and the counters, for the API's status endpoint and the tests."""
+        return {
+            "budget": self.budget_bytes,
+            "bytes": self.nbytes,
+            "loaded": self.loaded(),
+            "loading": sorted(self._loading),
+            "loads": self.loads,
+            "evictions": self.evictions,
+            "hits": self.hits,
+            "models": [
+                {
+                    "name": e.name,
+                    "bytes": e.nbytes,
+                    "device": e.device,
+                    "dtype": e.dtype,
+                    "in_use": e.users,
+                    "fingerprint": e.fingerprint,
+                    "load_seconds": round(e.load_seconds, 3),
+                }
+                for e in self._models.values()
+            ],
+        }
+
+    async def close(self) -> None:
+        """Drop every model that is not in use (those in use go when their requests end)."""
+        for entry in [e for e in self._models.values() if e.users == 0]:
+            self._drop(entry)
+        self._collect()
+
+    # -- acquiring and releasing ----------------------------------------------------------------
+    async def _acquire(self, name: str, path: Path, fingerprint: str) -> LoadedModel:
+        while True:
+            entry = self._models.get(name)
+            if entry is not None and entry.fingerprint == fingerprint:
+                self.hits += 1
+                return self._checkout(entry)
+            pending = self._loading.get(name)
+            if pending is None:
+                pending = asyncio.ensure_future(self._load(name, path, fingerprint))
+                self._loading[name] = pending
+                pending.add_done_callback(functools.partial(self._load_done, name))
+            # shield: a waiter that is cancelled must not cancel the load the others await
+            entry = await asyncio.shield(pending)
+            if entry.fingerprint == fingerprint and self._models.get(name) is entry:
+                return self._checkout(entry)
+            # an older version finished loading, or it was evicted before we woke: go round
+
+    def _load_done(self, name: str, fut: asyncio.Future[LoadedModel]) -> None:
+        if self._loading.get(name) is fut:
+            del self._loading[name]  # failed or not, the next request starts afresh
+        if not fut.cancelled():
+            fut.exception()  # retrieved here too, in case every waiter was cancelled
+
+    def _checkout(self, entry: LoadedModel) -> LoadedModel:
+        entry.users += 1
+        entry.last_used = time.monotonic()
+        self._models.move_to_end(entry.name)
+        return entry
+
+    def _release(self, entry: LoadedModel) -> None:
+        entry.users -= 1
+        entry.last_used = time.monotonic()
+        if self._models.get(entry.name) is not entry:
+            return  # replaced by a newer version meanwhile: freed with its last reference
+        self._models.move_to_end(entry.name)
+        # Back within budget once the models that kept us over it are free; the model just
+        # released stays, or a model bigger than the budget would be reloaded every time.
+        if self.nbytes > self.budget_bytes:
+            self._make_room(0, keep=entry)
+
+    # -- loading and evicting -------------------------------------------------------------------
+    async def _load(self, name: str, path: Path, fingerprint: str) -> LoadedModel:
+        async with self._load_lock:
+            old = self._models.get(name)
+            if old is not None:
+                if old.fingerprint == fingerprint:
+                    return old
+                log.info("model %s changed on disk; loading it again", name)
+                self._drop(old)
+            device, dtype = await asyncio.to_thread(self._resolve)
+            estimate = await asyncio.to_thread(estimate_bytes, path, DTYPES[dtype])
+            self._make_room(estimate)
+            if self.nbytes + estimate > self.budget_bytes:
+                what = "the whole budget" if not self._models else "what can be evicted"
+                log.warning(
+                    "model %s needs about %d MiB, more than %s (budget %d MiB, in use %d MiB);"
+                    " loading it anyway",
+                    name,
+                    estimate >> 20,
+                    what,
+                    self.budget_bytes >> 20,
+                    self.nbytes >> 20,
+                )
+            started = time.monotonic()
+            model, tokenizer, nbytes = await asyncio.to_thread(
+                _load_sync, name, path, device, dtype
+            )
+            entry = LoadedModel(
+                name=name,
+                path=path,
+                fingerprint=fingerprint,
+                model=model,
+                tokenizer=tokenizer,
+                device=device,
+                dtype=dtype,
+                nbytes=nbytes,
+                load_seconds=time.monotonic() - started,
+            )
+            self._models[name] = entry
+            self.loads += 1
+            log.info(
+                "loaded model %s on %s (%s, %d MiB) in %.2f s",
+                name,
+                device,
+                dtype,
+                nbytes >> 20,
+                entry.load_seconds,
+            )
+            return entry
+
+    def _make_room(self, needed: int, *, keep: LoadedModel | None = None) -> None:
+        """Evict idle models, least recently used first, until ``needed`` more bytes fit."""
+        evicted = False
+        while self.nbytes + needed > self.budget_bytes:
+            victim = next(
+                (e for e in self._models.values() if e.users == 0 and e is not keep), None
+            )
+            if victim is None:
+                break
+            log.info("evicting model %s (%d MiB) to make room", victim.name, victim.nbytes >> 20)
+            self._drop(victim)
+            self.evictions += 1
+            evicted = True
+        if evicted:
+            self._collect()
+
+    def _drop(self, entry: LoadedModel) -> None:
+        if self._models.get(entry.name) is entry:
+            del self._models[entry.name]
+        if entry.users == 0:
+            # nobody holds it: let the weights go now rather than with the entry
+            entry.model = None
+            entry.tokenizer = None
+
+    def _collect(self) -> None:
+        # Module graphs can hold reference cycles, and CUDA keeps freed blocks cached: both
+        # would keep an evicted model's memory from the next one.
+        gc.collect()
+        if self.device != "cpu":
+            try:
+                import torch
+            except ImportError:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _resolve(self) -> tuple[str, str]:
+        """The concrete device and dtype (``auto`` resolved: this imports torch)."""
+        try:
+            import torch
+        except ImportError as exc:
+            raise MissingExtraError("ml", "local inference") from exc
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        return device, dtype
+
+
+def estimate_bytes(path: Path, element_size: int) -> int:
+    """Bytes a model's weights will take once loaded with ``element_size``-byte floats.
+
+    Read from the safetensors headers (element counts, so a bf16 file loaded as float32 counts
+    double); a file whose header cannot be read counts its size on disk, as do ``.bin`` files.
+    """
+    total = 0
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        files = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+    for file in files:
+        header = _safetensors_header(file) if file.suffix == ".safetensors" else None
+        if header is None:
+            with contextlib.suppress(OSError):
+                total += file.stat().st_size
+            continue
+        for key, info in header.items():
+            if key == "__metadata__" or not isinstance(info, dict):
+                continue
+            numel = 1
+            for dim in info.get("shape", []):
+                numel *= int(dim)
+            st_dtype = str(info.get("dtype", ""))
+            if st_dtype in _ST_FLOATS:
+                total += numel * element_size
+            else:  # integers (quantized weights, indices) are loaded as they are
+                total += numel * _ST_SIZES.get(st_dtype, 1)
+    return total
+
+
+def _safetensors_header(file: Path) -> dict[str, Any] | None:
+    # the format: 8 bytes little-endian header length, then that many bytes of JSON
+    try:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 1024**2:
+                return None
+            data = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _load_sync(name: str, path: Path, device: str, dtype: str) -> tuple[Any, Any, int]:
+    """Load tokenizer and model (in a worker thread); return them and the weights' bytes."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise MissingExtraError("ml", "local inference") from exc
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=getattr(torch, dtype),
+            # straight onto the GPU: no second copy of the weights in host memory
+            device_map=device if device.startswith("cuda") else None,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        # transformers raises all sorts for a broken or incomplete folder (OSError, ValueError,
+        # KeyError, the tokenizers library's bare Exception), torch a RuntimeError when out of
+        # memory: one error for the API to report, the cause chained
+        raise ModelLoadError(name, f"{type(exc).__name__}: {exc}") from exc
+    if not device.startswith("cuda"):
+        model.to(device)
+    model.eval()
+    # parameters only (buffers such as rotary tables are tiny), as the estimate counts them
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return model, tokenizer, int(nbytes)
