@@ -39,6 +39,7 @@ class ServerProcess:
             env[f"YICHUI_{key.upper()}"] = text
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[Any] = []
 
     @property
     def url(self) -> str:
@@ -82,5 +83,8 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
         end_process(self.proc, signal.SIGTERM)
         self.proc = None

@@ -53,6 +53,7 @@ def server(
         api_keys={hashlib.sha256(k.encode()).hexdigest(): t for k, t in KEYS.items()},
         image_file_roots=[str(images)],
         max_body_bytes=200_000,
+        cache_timeout=1.0,  # a loaded CI box must not turn these tests' Redis calls into faults
     ).start()
     yield proc
     proc.stop()
@@ -193,6 +194,7 @@ def test_concurrent_identical_requests_compute_once(
         redis_url=redis_server.url,
         upstreams={"echo": {"url": fresh.url, "model": "echo-up"}},
         api_keys={hashlib.sha256(k.encode()).hexdigest(): t for k, t in KEYS.items()},
+        cache_timeout=1.0,
     ).start()
     try:
         fresh.delay = 1.0  # the computation takes a while: everyone arrives during it

@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -67,8 +70,6 @@ class _TooLarge(Exception):
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    import orjson
-
     body = orjson.dumps(error_body(413, f"request body over the {limit} byte limit"))
     await send(
         {
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         await cache.start()
         local, upstream = _engines(settings, rt)
         router = ModelRouter(settings, rt.registry, local=local, upstream=upstream)
+        watcher = asyncio.create_task(_watch_models(client, rt.keys.model_events(), router))
         app.state.settings = settings
         app.state.runtime = rt
         app.state.cache = cache
@@ -120,6 +122,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         try:
             yield
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await cache.close()
             for engine in (local, upstream):
                 if engine is not None:
@@ -146,6 +151,31 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
+
+
+async def _watch_models(client: Any, channel: str, router: ModelRouter) -> None:
+    """Forget a model's resolved card the moment it is pulled, imported, merged or removed,
+    so its new fingerprint (and so new cache keys) apply at once, not after CARD_TTL."""
+    delay = 0.5
+    while True:
+        try:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                delay = 0.5
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        name = orjson.loads(message["data"]).get("name")
+                        router.forget(str(name) if name else None)
+            finally:
+                await pubsub.aclose()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis down: the card TTL still bounds staleness
+            log.debug("model events: %r", exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 def _engines(settings: Settings, rt: Runtime) -> tuple[Any, Any]:
