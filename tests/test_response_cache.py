@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -132,11 +133,11 @@ async def _ask(
 ) -> tuple[dict[str, Any], CacheStatus]:
     async with cache.session(M, "k1", **session) as s:
         if s.body is not None:
-            return s.body, s.status
+            return json.loads(s.body), s.status
         calls.append(text)
         await asyncio.sleep(delay)
         body = _body(text)
-        await s.commit(body)
+        await s.commit(json.dumps(body).encode())
         return body, s.status
 
 

@@ -19,7 +19,7 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def tenant_of(request: Request) -> str:
+async def tenant_of(request: Request) -> str:
     keys: dict[str, str] = request.app.state.settings.api_keys
     if not keys:
         return LOCAL_TENANT

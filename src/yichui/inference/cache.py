@@ -4,7 +4,7 @@ One request goes through a :class:`CacheSession`::
 
     async with cache.session(model, key) as s:
         if s.body is not None:          # hit, or coalesced onto another request's answer
-            return s.body, s.status
+            return s.body, s.status     # the response body, as stored: JSON bytes
         body = await compute()          # we are the one computing it (or the cache is off)
         await s.commit(body)            # store it, wake whoever waits for it
 
@@ -121,7 +121,7 @@ class ResponseCache:
         self.breaker = breaker or Breaker()
         self.counts: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
-        self._local: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._local: dict[str, asyncio.Future[bytes]] = {}
         self._remote: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -153,7 +153,8 @@ class ResponseCache:
         if self.store is None or not self.breaker.allow():
             return False, None
         try:
-            result = await asyncio.wait_for(op(), self.timeout)
+            async with asyncio.timeout(self.timeout):  # no extra task, unlike wait_for
+                result = await op()
         except _FAULTS as exc:
             self.count("faults")
             self.breaker.failure()
@@ -231,10 +232,11 @@ class CacheSession:
         self.key = key
         self.refresh = refresh
         self.store_allowed = store
-        self.body: dict[str, Any] | None = None
+        self.body: bytes | None = None
+        """The response body (JSON bytes) of a hit or a coalesced answer."""
         self.status = CacheStatus.MISS
         self._token: str | None = None
-        self._future: asyncio.Future[dict[str, Any]] | None = None
+        self._future: asyncio.Future[bytes] | None = None
         self._renewal: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> CacheSession:
@@ -242,7 +244,7 @@ class CacheSession:
         local = c._local.get(self.key)
         if local is not None and not self.refresh:
             try:
-                self.body = dict(await asyncio.shield(local))
+                self.body = await asyncio.shield(local)
             except CoalescedError as exc:
                 if not exc.error.get("retry"):
                     raise  # the leader's error is ours too
@@ -274,13 +276,13 @@ class CacheSession:
                 too_old = (
                     entry is not None
                     and self.max_age is not None
-                    and time.time() - float(entry.get("created", 0)) > self.max_age
+                    and time.time() - float(entry[0].get("created", 0)) > self.max_age
                 )
                 if too_old:
                     self.refresh = True  # recompute, then store the fresh answer
                 elif entry is not None:
                     status = CacheStatus.COALESCED if waited else CacheStatus.HIT
-                    self._resolve(entry["body"], status)
+                    self._resolve(entry[1], status)
                     return
             ok, token = await c._call(lambda: store.lock(self.model, self.key, c.lease_ms))
             if not ok:
@@ -343,13 +345,13 @@ class CacheSession:
         self.status = CacheStatus.BYPASS
         self.cache.count(counter)
 
-    def _resolve(self, body: dict[str, Any], status: CacheStatus) -> None:
+    def _resolve(self, body: bytes, status: CacheStatus) -> None:
         self.body = body
         self.status = status
         self.cache.count(status.value)
         self._settle(body)
 
-    def _settle(self, body: dict[str, Any]) -> None:
+    def _settle(self, body: bytes) -> None:
         fut = self._future
         if fut is not None and not fut.done():
             fut.set_result(body)
@@ -366,7 +368,7 @@ class CacheSession:
         if self.cache._local.get(self.key) is self._future:
             del self.cache._local[self.key]
 
-    async def commit(self, body: dict[str, Any], *, cacheable: bool = True) -> None:
+    async def commit(self, body: bytes, *, cacheable: bool = True) -> None:
         """The answer we computed: store it (when allowed) and hand it to the waiters."""
         c = self.cache
         if self._renewal is not None:
@@ -374,10 +376,10 @@ class CacheSession:
         store = c.store
         if store is not None and self._token is not None:
             if self.store_allowed and cacheable:
-                envelope = {"v": 1, "body": body, "created": time.time()}
+                meta = {"v": 2, "created": time.time()}
                 ttl = c.ttl(self.model)
                 ok, _ = await c._call(
-                    lambda: store.put(self.model, self.key, envelope, ttl, self._token)
+                    lambda: store.put(self.model, self.key, meta, body, ttl, self._token)
                 )
                 if ok:
                     c.count("stored")

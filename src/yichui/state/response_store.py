@@ -38,7 +38,8 @@ return 0
 
 
 class ResponseStore:
-    """Entries are ``{"v": 1, "body": <response body>, "created": <s>}``."""
+    """An entry is a JSON line of metadata (``{"v": 2, "created": <s>}``), a newline, and the
+    response body exactly as it is sent: a hit goes out without being parsed or re-encoded."""
 
     def __init__(self, client: AsyncRedis, keys: Keys) -> None:
         self.client: Any = client  # redis-py's async stubs are too loose to help here
@@ -47,9 +48,16 @@ class ResponseStore:
         self._fail = client.register_script(_FAIL)
         self._renew = client.register_script(_RENEW)
 
-    async def get(self, model: str, digest: str) -> dict[str, Any] | None:
+    async def get(self, model: str, digest: str) -> tuple[dict[str, Any], bytes] | None:
+        """-> (metadata, body bytes), or None on a miss (or an entry of another layout)."""
         raw = await self.client.get(self.keys.response(model, digest))
-        return None if raw is None else dict(loads(raw))
+        if raw is None:
+            return None
+        head, sep, body = bytes(raw).partition(b"\n")
+        meta = loads(head) if sep else None
+        if not isinstance(meta, dict) or meta.get("v") != 2:
+            return None  # an older layout: recomputed and overwritten
+        return meta, body
 
     async def lock(self, model: str, digest: str, lease_ms: int) -> str | None:
         """Become the one computing this answer -> our token, or None if someone else is."""
@@ -67,13 +75,20 @@ class ResponseStore:
         return bool(await self.client.exists(self.keys.response_lock(model, digest)))
 
     async def put(
-        self, model: str, digest: str, envelope: Mapping[str, Any], ttl: int, token: str | None
+        self,
+        model: str,
+        digest: str,
+        meta: Mapping[str, Any],
+        body: bytes,
+        ttl: int,
+        token: str | None,
     ) -> None:
         """Store, release our lock (if we hold it) and publish ``ok`` to the waiters."""
         event = dumps({"key": digest, "ok": True}).decode()
+        value = dumps(dict(meta)) + b"\n" + body
         await self._store(
             keys=[self.keys.response(model, digest), self.keys.response_lock(model, digest)],
-            args=[dumps(dict(envelope)), ttl, token or "", self.keys.response_events(), event],
+            args=[value, ttl, token or "", self.keys.response_events(), event],
         )
 
     async def fail(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
 
 from yichui.api.auth import TenantDep
 from yichui.api.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -34,7 +34,7 @@ async def chat_completions(
     tenant: TenantDep,
     cache_control: CacheControl = None,
     cache_policy: CachePolicyHeader = None,
-) -> JSONResponse | StreamingResponse:
+) -> Response:
     """Chat completions, streamed or not, through the response cache."""
     engine_request = body.to_engine(request.app.state.settings.image_file_roots)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -54,7 +54,7 @@ async def completions(
     tenant: TenantDep,
     cache_control: CacheControl = None,
     cache_policy: CachePolicyHeader = None,
-) -> JSONResponse | StreamingResponse:
+) -> Response:
     """Text completions, streamed or not, through the response cache."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serving(request).handle(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from yichui.api.errors import APIError, translate
 from yichui.inference.cache import CacheSession, CacheStatus, CoalescedError, ResponseCache
@@ -70,7 +70,7 @@ class Serving:
         stream: bool,
         include_usage: bool,
         policy: CachePolicy,
-    ) -> JSONResponse | StreamingResponse:
+    ) -> Response:
         route = await self.router.resolve(request.model)
         images = [p for m in request.messages for p in m.images()]
         if images and not route.card.accepts_images:
@@ -99,8 +99,9 @@ class Serving:
         if session.body is not None:
             await session.__aexit__(None, None, None)
             if stream:
-                return _sse(_replay(session.body, request.kind, include_usage), headers)
-            return JSONResponse(session.body, headers=headers)
+                stored = orjson.loads(session.body)
+                return _sse(_replay(stored, request.kind, include_usage), headers)
+            return _json(session.body, headers)  # the stored bytes, as they are
         if stream:
             return _sse(self._stream_miss(route, request, session, include_usage), headers)
         try:
@@ -110,20 +111,20 @@ class Serving:
             await session.fail({"status": status, "body": body, "message": str(exc)})
             await session.__aexit__(None, None, None)
             raise
-        body = build_body(request, result)
-        await session.commit(body, cacheable=_complete(result))
+        raw = orjson.dumps(build_body(request, result))
+        await session.commit(raw, cacheable=_complete(result))
         await session.__aexit__(None, None, None)
-        return JSONResponse(body, headers=headers)
+        return _json(raw, headers)
 
     async def _uncached(
         self, route: Route, request: EngineRequest, stream: bool, include_usage: bool
-    ) -> JSONResponse | StreamingResponse:
+    ) -> Response:
         self.cache.count("bypass")
         headers = {CACHE_HEADER: CacheStatus.BYPASS.value}
         if stream:
             return _sse(self._stream(route, request, include_usage, None), headers)
         result = await route.engine.complete(request)
-        return JSONResponse(build_body(request, result), headers=headers)
+        return _json(orjson.dumps(build_body(request, result)), headers)
 
     async def _stream_miss(
         self, route: Route, request: EngineRequest, session: CacheSession, include_usage: bool
@@ -176,8 +177,8 @@ class Serving:
                 ),
                 usage,
             )
-            body = build_body(request, result, head=head)
-            await session.commit(body, cacheable=all(finish) and _complete(result))
+            raw = orjson.dumps(build_body(request, result, head=head))
+            await session.commit(raw, cacheable=all(finish) and _complete(result))
         if include_usage:
             yield _event({**head, "choices": [], "usage": _usage(usage)})
         yield b"data: [DONE]\n\n"
@@ -281,6 +282,10 @@ async def _replay(body: dict[str, Any], kind: str, include_usage: bool) -> Async
     if include_usage:
         yield _event({**head, "choices": [], "usage": body.get("usage")})
     yield b"data: [DONE]\n\n"
+
+
+def _json(raw: bytes, headers: dict[str, str]) -> Response:
+    return Response(raw, media_type="application/json", headers=headers)
 
 
 def _sse(body: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingResponse:
