@@ -377,6 +377,22 @@ def test_bad_input(
     assert fresh.requests == []  # nothing reached the engine
 
 
+def test_chunked_body_over_the_limit(server: ServerProcess, fresh: FakeUpstream) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced as it streams
+        yield b'{"model": "echo", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 10_000
+        yield b'"}]}'
+
+    resp = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=chunks(),
+        headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
+    )
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]["message"]
+    assert fresh.requests == []
+
+
 def test_redis_killed_mid_traffic(upstream: FakeUpstream, tmp_path: Path) -> None:
     redis = RedisProcess(tmp_path / "redis").start()
     server = ServerProcess(

@@ -217,3 +217,19 @@ async def test_redis_down_fails_open_and_recovers(
         assert (await _ask(cache, calls, delay=0))[1] == CacheStatus.HIT
     finally:
         server.stop()
+
+
+async def test_waiters_of_an_unstored_answer_compute_it(
+    make_cache: Callable[..., ResponseCache],
+) -> None:
+    a, b = make_cache(), make_cache()
+    await a.start()
+    await b.start()
+    await asyncio.sleep(0.1)
+    calls: list[str] = []
+    leader = asyncio.create_task(_ask(a, calls, "no-store", delay=0.3, store=False))
+    await asyncio.sleep(0.1)
+    body, status = await _ask(b, calls, "waiter", delay=0)  # not an error: it computes
+    assert (await leader)[1] == CacheStatus.MISS
+    assert status == CacheStatus.MISS and body == _body("waiter")
+    assert calls == ["no-store", "waiter"]

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     SecretStr,
     ValidationError,
     field_validator,
@@ -138,9 +139,9 @@ class Settings(BaseSettings):
     model_memory_budget: int = Field(default=8 * 1024**3, gt=0)
     """Bytes of weights the warm model pool keeps loaded; least recently used models that are
     not in use are evicted to make room."""
-    inference_device: str = "auto"
+    inference_device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when there is one)."""
-    inference_dtype: str = "auto"
+    inference_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``."""
     upstreams: dict[str, UpstreamRoute] = Field(default_factory=dict)
     """Model name -> the OpenAI-compatible server that serves it (see :class:`UpstreamRoute`)."""
@@ -149,10 +150,10 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_keys: dict[str, str] = Field(default_factory=dict)
     """SHA-256 (hex) of an API key -> its tenant. Empty: local mode, no key needed, one tenant
-    ``local``. Store hashes only: ``yichui api-key hash KEY`` prints one."""
+    ``local``. Store digests only (``docs/api.md`` shows how to make one)."""
     cache_shared: bool = False
     """Share response-cache entries across tenants (off: each tenant has its own)."""
-    response_ttl_by_model: dict[str, int] = Field(default_factory=dict)
+    response_ttl_by_model: dict[str, PositiveInt] = Field(default_factory=dict)
     """Model name -> seconds its cached responses live (± jitter); others: ``response_ttl``."""
     cache_timeout: float = Field(default=0.05, gt=0)
     """Seconds a response-cache Redis call may take before the request goes on uncached."""

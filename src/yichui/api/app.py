@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from yichui import __version__
@@ -55,18 +55,11 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
+                if seen > self.limit:  # a chunked body: no Content-Length to check first
+                    raise HTTPException(413, f"request body over the {self.limit} byte limit")
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, self.limit)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, counted, send)
 
 
 async def _too_large(send: Send, limit: int) -> None:
@@ -104,8 +97,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             log.warning("Redis unavailable at start (%s): serving uncached", exc)
             url = settings.redis_url or "redis://127.0.0.1:1/0"
         client = make_async_client(parse_redis_url(url), settings)
+        store = ResponseStore(client, rt.keys)
         cache = ResponseCache(
-            ResponseStore(client, rt.keys),
+            store,
             ttl_for=_ttl_for(settings),
             jitter=settings.ttl_jitter,
             timeout=settings.cache_timeout,
@@ -114,7 +108,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         await cache.start()
         local, upstream = _engines(settings, rt)
         router = ModelRouter(settings, rt.registry, local=local, upstream=upstream)
-        watcher = asyncio.create_task(_watch_models(client, rt.keys.model_events(), router))
+        watcher = asyncio.create_task(_watch_models(store, router))
         app.state.settings = settings
         app.state.runtime = rt
         app.state.cache = cache
@@ -150,26 +144,40 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         return {"status": "ok", "cache": cache.breaker.state}
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    _openapi_errors_are_400(app)
     return app
 
 
-async def _watch_models(client: Any, channel: str, router: ModelRouter) -> None:
+def _openapi_errors_are_400(app: FastAPI) -> None:
+    """FastAPI documents validation errors as 422; this API answers them with 400."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if "422" in responses:
+                    responses["400"] = {
+                        "description": "Invalid request (OpenAI error body)",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                    del responses["422"]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+async def _watch_models(store: ResponseStore, router: ModelRouter) -> None:
     """Forget a model's resolved card the moment it is pulled, imported, merged or removed,
     so its new fingerprint (and so new cache keys) apply at once, not after CARD_TTL."""
     delay = 0.5
     while True:
         try:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
+            async for event in store.model_events():
                 delay = 0.5
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        name = orjson.loads(message["data"]).get("name")
-                        router.forget(str(name) if name else None)
-            finally:
-                await pubsub.aclose()
+                name = event.get("name")
+                router.forget(str(name) if name else None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis down: the card TTL still bounds staleness

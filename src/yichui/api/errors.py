@@ -97,14 +97,18 @@ def install_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return error_response(400, f"invalid JSON body: {first.get('ctx', {}).get('error')}")
         param = _param(first.get("loc", ()))
-        msg = str(first.get("msg", "invalid request"))
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return error_response(400, f"{param}: {msg}" if param else msg, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _any(request: Request, exc: Exception) -> JSONResponse:
+    async def _translated(request: Request, exc: Exception) -> JSONResponse:
         status, body = translate(exc)
         return JSONResponse(body, status_code=status)
+
+    # expected errors by class: answered here, not re-raised the way the catch-all is
+    for cls in (APIError, YichuiError, ValueError):
+        app.add_exception_handler(cls, _translated)
+    app.add_exception_handler(Exception, _translated)

@@ -33,8 +33,10 @@ def serve(
     rt: Runtime = ctx.obj
     s = rt.settings
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    children = [
-        subprocess.Popen([sys.executable, "-m", "yichui.cli.main", "worker", "--quiet"])
+    config = ctx.find_root().params.get("config")
+    extra = ["--config", str(config)] if config else []
+    children = [  # the same settings as ours: the same --config (and the same environment)
+        subprocess.Popen([sys.executable, "-m", "yichui.cli.main", *extra, "worker", "--quiet"])
         for _ in range(workers)
     ]
     try:

@@ -86,6 +86,10 @@ class Breaker:
             return True
         return False
 
+    def release(self) -> None:
+        """A probe that ended neither way (cancelled): let the next request probe."""
+        self._probing = False
+
     def success(self) -> None:
         self.failures, self.opened_at, self._probing = 0, None, False
 
@@ -155,6 +159,9 @@ class ResponseCache:
         try:
             async with asyncio.timeout(self.timeout):  # no extra task, unlike wait_for
                 result = await op()
+        except asyncio.CancelledError:
+            self.breaker.release()
+            raise
         except _FAULTS as exc:
             self.count("faults")
             self.breaker.failure()
@@ -386,7 +393,10 @@ class CacheSession:
             elif self._token is not None:
                 token = self._token
                 await c._call(
-                    lambda: store.fail(self.model, self.key, token, {"message": "not stored"})
+                    # waiters elsewhere compute it themselves: there is nothing to read
+                    lambda: store.fail(
+                        self.model, self.key, token, {"message": "not stored", "retry": True}
+                    )
                 )
         self._token = None
         self._settle(body)

@@ -10,6 +10,7 @@ key with its type, TTL, writer and readers; keep the two in step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 KEY_SCHEMA_VERSION = 1
 """Bumped whenever the layout of a value changes incompatibly."""
@@ -96,26 +97,31 @@ class Keys:
     # answer and releases the lock. The model name sits outside the tag so that `cache clear
     # --model M` finds its entries with SCAN MATCH (never KEYS).
     def response(self, model: str, digest: str) -> str:
-        """STRING, the cached response body (JSON envelope); TTL per model ± jitter."""
-        return self._k("response", model, "{" + digest + "}")
+        """STRING, a metadata line and the cached response body; TTL per model ± jitter. The
+        model name is %-quoted so a ``:`` in it (``llama3:8b``) cannot end it early."""
+        return self._k("response", _quote(model), "{" + digest + "}")
 
     def response_lock(self, model: str, digest: str) -> str:
         """STRING, owner token of the one request computing this answer (coalescing)."""
-        return self._k("response_lock", model, "{" + digest + "}")
+        return self._k("response_lock", _quote(model), "{" + digest + "}")
 
     def response_pattern(self, model: str | None = None) -> str:
         """SCAN MATCH pattern of every entry (of one model)."""
-        body = "response:" + (_glob_escape(model) + ":" if model else "") + "*"
+        body = "response:" + (_glob_escape(_quote(model)) + ":" if model else "") + "*"
         return f"{_glob_escape(self.namespace)}:{body}" if self.namespace else body
 
     def response_stats(self) -> str:
-        """HASH, counters (hit, miss, coalesced, bypass, stored, errors, faults) of every
-        server, flushed about once a second."""
+        """HASH, counters (hit, miss, coalesced, bypass, stored, errors, faults,
+        coalesced_errors, coalesce_timeouts) of every server, flushed about once a second."""
         return self._k("response_stats")
 
     def response_events(self) -> str:
         """Pub/sub channel: ``{"key", "ok"}`` when a computation that others wait for ends."""
         return self._k("response_events")
+
+
+def _quote(model: str) -> str:
+    return quote(model, safe="/._-")
 
 
 def _glob_escape(text: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import AsyncRedis
+from yichui.state.events import subscribe
 from yichui.state.keys import Keys
 
 # KEYS[1] entry, KEYS[2] lock; ARGV[1] value, [2] ttl s, [3] token, [4] channel, [5] event
@@ -101,17 +102,13 @@ class ResponseStore:
             args=[token, self.keys.response_events(), event],
         )
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    def events(self) -> AsyncIterator[dict[str, Any]]:
         """Events of finished computations, from one subscription (ends on a Redis error)."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.keys.response_events())
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
-                if message is not None and message.get("type") == "message":
-                    yield dict(loads(message["data"]))
-        finally:
-            await pubsub.aclose()
+        return subscribe(self.client, self.keys.response_events())
+
+    def model_events(self) -> AsyncIterator[dict[str, Any]]:
+        """Pulls, imports, merges and removals of models (the registry publishes them)."""
+        return subscribe(self.client, self.keys.model_events())
 
     async def add_stats(self, counts: Mapping[str, int]) -> None:
         if counts:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -46,7 +47,8 @@ class TextPart(_Strict):
 
 class ImageURL(_Strict):
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Literal["auto"] | None = None
+    """Only ``auto``: other detail levels would change the answer and are not applied."""
 
 
 class ImageURLPart(_Strict):
@@ -224,13 +226,11 @@ def _read_local(url: str, where: str, roots: list[Path]) -> bytes:
     path = Path(unquote(split.path if split.scheme == "file" else url))
     if not roots:
         raise APIError(400, "local image files are disabled (see image_file_roots)", param=where)
-    try:
-        real = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise APIError(400, "image file not found", param=where) from None
-    if not path.is_absolute() or not any(real.is_relative_to(r.resolve()) for r in roots):
+    # where the path leads, checked against the roots before anything says whether it exists
+    real = Path(os.path.realpath(path))
+    if not path.is_absolute() or not any(real.is_relative_to(os.path.realpath(r)) for r in roots):
         raise APIError(400, "image file is outside image_file_roots", param=where)
     try:
         return real.read_bytes()
     except OSError:
-        raise APIError(400, "image file cannot be read", param=where) from None
+        raise APIError(400, "image file not found or not readable", param=where) from None
