@@ -53,9 +53,10 @@ $(VENV)/.bench-installed: $(VENV)/.dev-installed
 	$(BIN)/pip install $(PIP_ARGS) --quiet --no-deps $(BENCH_PKGS)
 	touch $@
 
-bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ
+bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ, response cache
 	$(BIN)/python bench/model_status.py
 	$(BIN)/python bench/tasks.py
+	$(BIN)/python bench/cache.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info

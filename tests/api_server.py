@@ -79,6 +79,15 @@ class ServerProcess:
 
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
 
+    def forget_cached(self, redis_url: str) -> None:
+        """Clear every server's near cache (what `yichui cache clear` publishes), for tests
+        that flush Redis between them while the server keeps running."""
+        import redis
+
+        with redis.Redis.from_url(redis_url) as client:
+            client.publish("response_events", b'{"clear": ""}')
+        time.sleep(0.1)
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 

@@ -60,8 +60,9 @@ def server(
 
 
 @pytest.fixture
-def fresh(redis_url: str, upstream: FakeUpstream) -> FakeUpstream:
-    """A flushed Redis (the conftest fixture) and a reset upstream for each test."""
+def fresh(redis_url: str, upstream: FakeUpstream, server: ServerProcess) -> FakeUpstream:
+    """A flushed Redis (the conftest fixture), no near-cache copies, a reset upstream."""
+    server.forget_cached(redis_url)
     upstream.reset()
     return upstream
 
@@ -73,9 +74,11 @@ def client(server: ServerProcess, fresh: FakeUpstream) -> openai.OpenAI:
 
 def _chat(client: openai.OpenAI, text: str = "capital of France", **kwargs: Any) -> Any:
     params: dict[str, Any] = {"temperature": 0, **kwargs}
-    return client.chat.completions.with_raw_response.create(
+    raw = client.chat.completions.with_raw_response.create(
         model="echo", messages=[{"role": "user", "content": text}], **params
     )
+    raw.parse()  # reads the body: the connection goes back to the pool
+    return raw
 
 
 def _status(raw: Any) -> str:
@@ -405,9 +408,11 @@ def test_redis_killed_mid_traffic(upstream: FakeUpstream, tmp_path: Path) -> Non
         assert _status(_chat(client, "steady")) == "hit"
         redis.kill()
         started = time.monotonic()
-        for _ in range(10):
-            raw = _chat(client, "steady")
-            assert raw.parse().choices[0].message.content == "steady"
+        kept = _chat(client, "steady")  # still in the server's memory: a hit without Redis
+        assert _status(kept) == "hit"
+        for i in range(10):
+            raw = _chat(client, f"steady {i}")
+            assert raw.parse().choices[0].message.content == f"{i} steady"
             assert _status(raw) == "bypass"
         assert time.monotonic() - started < 10
         health = httpx.get(f"{server.url}/health").json()

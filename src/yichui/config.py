@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     """Model name -> seconds its cached responses live (± jitter); others: ``response_ttl``."""
     cache_timeout: float = Field(default=0.05, gt=0)
     """Seconds a response-cache Redis call may take before the request goes on uncached."""
+    cache_near_ttl: float = Field(default=10.0, ge=0)
+    """Seconds a server keeps a response it served or stored in memory, answering repeats
+    without Redis (0: off). Stores and clears anywhere drop the entries concerned at once."""
+    cache_near_bytes: int = Field(default=64 * 1024**2, ge=0)
+    """Memory bound of that near cache, per server process."""
     cache_wait: float = Field(default=120.0, gt=0)
     """Longest wait for an identical request computing the same answer (then compute it)."""
     max_body_bytes: int = Field(default=20 * 1024**2, gt=0)

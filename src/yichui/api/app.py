@@ -104,6 +104,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             jitter=settings.ttl_jitter,
             timeout=settings.cache_timeout,
             wait=settings.cache_wait,
+            near_ttl=settings.cache_near_ttl,
+            near_bytes=settings.cache_near_bytes,
         )
         await cache.start()
         local, upstream = _engines(settings, rt)

@@ -14,6 +14,11 @@ others wait for its "done" event (pub/sub, with polling as a fallback), then rea
 answer. If the computation fails, the waiters get its error, which is not stored. A waiter
 gives up after ``wait`` seconds and computes the answer itself.
 
+**Near cache.** Each process keeps the bodies it served or stored lately in memory for up to
+``near_ttl`` seconds (bounded by ``near_bytes``), so a repeated hit does not even reach Redis.
+Every store and every ``cache clear`` is published, and each process drops the entries
+concerned at once; refreshes (``no-cache``) never read it.
+
 **Failing open.** Every Redis call has a short timeout. A failure or timeout counts as a fault;
 after ``breaker_threshold`` faults in a row the breaker opens and the cache is bypassed for
 ``breaker_cooldown`` seconds, then one request probes Redis again. A request never fails
@@ -28,7 +33,7 @@ import enum
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -115,8 +120,15 @@ class ResponseCache:
         lease: float = 30.0,
         wait: float = 120.0,
         breaker: Breaker | None = None,
+        near_ttl: float = 10.0,
+        near_bytes: int = 64 * 1024**2,
     ) -> None:
         self.store = store
+        self.near_ttl = near_ttl
+        self.near_bytes = near_bytes
+        self._near: OrderedDict[str, tuple[float, float, str, bytes]] = OrderedDict()
+        """key -> (expires, monotonic; created, wall clock; model; body), oldest first."""
+        self._near_size = 0
         self.ttl_for = ttl_for
         self.jitter = jitter
         self.timeout = timeout
@@ -170,6 +182,49 @@ class ResponseCache:
         self.breaker.success()
         return True, result
 
+    async def clear(self, model: str | None = None) -> int:
+        """Delete the stored entries (of one model) everywhere -> entries deleted in Redis."""
+        self.near_drop(model=model, everything=True)
+        return await self.store.clear(model) if self.store is not None else 0
+
+    # -- near cache -----------------------------------------------------------------------------
+    def near_get(self, key: str, max_age: float | None) -> bytes | None:
+        entry = self._near.get(key)
+        if entry is None:
+            return None
+        expires, created, _model, body = entry
+        if expires < time.monotonic() or (max_age is not None and time.time() - created > max_age):
+            self.near_drop(key)
+            return None
+        self._near.move_to_end(key)
+        return body
+
+    def near_put(self, key: str, model: str, body: bytes, created: float, ttl: float) -> None:
+        if self.near_ttl <= 0 or len(body) > self.near_bytes // 8:
+            return
+        self.near_drop(key)
+        self._near[key] = (time.monotonic() + min(self.near_ttl, ttl), created, model, body)
+        self._near_size += len(body)
+        while self._near_size > self.near_bytes and self._near:
+            _, (_, _, _, old) = self._near.popitem(last=False)
+            self._near_size -= len(old)
+
+    def near_drop(
+        self, key: str | None = None, *, model: str | None = None, everything: bool = False
+    ) -> None:
+        """Forget one key, one model's entries, or (``everything``) all of them."""
+        if key is not None:
+            entry = self._near.pop(key, None)
+            if entry is not None:
+                self._near_size -= len(entry[3])
+            return
+        if everything and model is None:
+            self._near.clear()
+            self._near_size = 0
+            return
+        for k in [k for k, e in self._near.items() if e[2] == model]:
+            self.near_drop(k)
+
     def ttl(self, model: str) -> int:
         base = self.ttl_for(model)
         return max(1, round(base * (1.0 + random.uniform(-self.jitter, self.jitter))))
@@ -194,6 +249,10 @@ class ResponseCache:
             try:
                 async for event in self.store.events():
                     delay = 0.5
+                    if "clear" in event:
+                        self.near_drop(model=event["clear"] or None, everything=True)
+                        continue
+                    self.near_drop(str(event.get("key")))
                     for fut in self._remote.pop(str(event.get("key")), []):
                         if not fut.done():
                             fut.set_result(event)
@@ -214,9 +273,8 @@ class ResponseCache:
             return
         counts, self._unflushed = self._unflushed, Counter()
         store = self.store
-        ok, _ = await self._call(lambda: store.add_stats(counts))
-        if not ok:  # keep them for the next flush
-            self._unflushed.update(counts)
+        # a flush that timed out may still have been applied: never add the counts twice
+        await self._call(lambda: store.add_stats(counts))
 
 
 class CacheSession:
@@ -260,6 +318,13 @@ class CacheSession:
                 self.status = CacheStatus.COALESCED
                 c.count("coalesced")
                 return self
+        if not self.refresh:
+            near = c.near_get(self.key, self.max_age)
+            if near is not None:
+                self.body, self.status = near, CacheStatus.HIT
+                c.count("hit")
+                c.count("near_hits")
+                return self
         # lead this process's identical requests from here on
         self._future = asyncio.get_running_loop().create_future()
         c._local[self.key] = self._future
@@ -289,6 +354,8 @@ class CacheSession:
                     self.refresh = True  # recompute, then store the fresh answer
                 elif entry is not None:
                     status = CacheStatus.COALESCED if waited else CacheStatus.HIT
+                    created = float(entry[0].get("created", time.time()))
+                    c.near_put(self.key, self.model, entry[1], created, c.near_ttl)
                     self._resolve(entry[1], status)
                     return
             ok, token = await c._call(lambda: store.lock(self.model, self.key, c.lease_ms))
@@ -390,6 +457,7 @@ class CacheSession:
                 )
                 if ok:
                     c.count("stored")
+                    c.near_put(self.key, self.model, body, float(meta["created"]), ttl)
             elif self._token is not None:
                 token = self._token
                 await c._call(

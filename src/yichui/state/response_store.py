@@ -132,6 +132,9 @@ class ResponseStore:
                 chunk = []
         if chunk:
             deleted += await self._delete(chunk)
+        # every server drops what it keeps in memory for these entries
+        event = dumps({"clear": model or ""}).decode()
+        await self.client.publish(self.keys.response_events(), event)
         return deleted
 
     async def _delete(self, keys: list[bytes]) -> int:
