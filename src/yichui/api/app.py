@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from yichui import __version__
 from yichui.api.errors import error_body, install_handlers
+from yichui.api.fastpath import HitFastPath
 from yichui.api.openai.router import router as openai_router
 from yichui.api.openai.serving import Serving
 from yichui.config import Settings, load_settings
@@ -56,10 +57,17 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:  # a chunked body: no Content-Length to check first
-                    raise HTTPException(413, f"request body over the {self.limit} byte limit")
+                    raise BodyTooLarge(413, f"request body over the {self.limit} byte limit")
             return message
 
-        await self.app(scope, counted, send)
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge:  # raised while a middleware read the body (FastAPI answers its own)
+            await _too_large(send, self.limit)
+
+
+class BodyTooLarge(HTTPException):
+    """The body passed ``max_body_bytes`` while it was being read."""
 
 
 async def _too_large(send: Send, limit: int) -> None:
@@ -110,11 +118,12 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         await cache.start()
         local, upstream = _engines(settings, rt)
         router = ModelRouter(settings, rt.registry, local=local, upstream=upstream)
-        watcher = asyncio.create_task(_watch_models(store, router))
+        serving = Serving(router, cache, shared=settings.cache_shared)
+        watcher = asyncio.create_task(_watch_models(store, router, serving))
         app.state.settings = settings
         app.state.runtime = rt
         app.state.cache = cache
-        app.state.serving = Serving(router, cache, shared=settings.cache_shared)
+        app.state.serving = serving
         try:
             yield
         finally:
@@ -145,7 +154,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         cache: ResponseCache = request.app.state.cache
         return {"status": "ok", "cache": cache.breaker.state}
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(HitFastPath)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: limits all
     _openapi_errors_are_400(app)
     return app
 
@@ -170,7 +180,7 @@ def _openapi_errors_are_400(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _watch_models(store: ResponseStore, router: ModelRouter) -> None:
+async def _watch_models(store: ResponseStore, router: ModelRouter, serving: Serving) -> None:
     """Forget a model's resolved card the moment it is pulled, imported, merged or removed,
     so its new fingerprint (and so new cache keys) apply at once, not after CARD_TTL."""
     delay = 0.5
@@ -180,6 +190,7 @@ async def _watch_models(store: ResponseStore, router: ModelRouter) -> None:
                 delay = 0.5
                 name = event.get("name")
                 router.forget(str(name) if name else None)
+                serving.forget()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis down: the card TTL still bounds staleness

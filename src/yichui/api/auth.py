@@ -19,6 +19,20 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def tenant_for(keys: dict[str, str], header: str) -> str | None:
+    """The tenant an ``Authorization`` header belongs to; None when it names none."""
+    if not keys:
+        return LOCAL_TENANT
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    digest = hash_key(key.strip())
+    for known, tenant in keys.items():
+        if hmac.compare_digest(known, digest):
+            return tenant
+    return None
+
+
 async def tenant_of(request: Request) -> str:
     keys: dict[str, str] = request.app.state.settings.api_keys
     if not keys:

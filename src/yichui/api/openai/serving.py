@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +58,39 @@ class CachePolicy:
 class Serving:
     """Chat and text completions for one app."""
 
+    MEMO_SIZE = 10_000
+    """Request digests remembered for the hit fast path (see ``api/fastpath.py``)."""
+
     def __init__(self, router: ModelRouter, cache: ResponseCache, *, shared: bool) -> None:
         self.router = router
         self.cache = cache
         self.shared = shared
+        self.memo: OrderedDict[str, str] = OrderedDict()
+        """Digest of (tenant, path, cache headers, raw body) -> the cache key it resolved to."""
+
+    def remember(self, request_digest: str | None, key: str) -> None:
+        if request_digest is None:
+            return
+        self.memo[request_digest] = key
+        self.memo.move_to_end(request_digest)
+        if len(self.memo) > self.MEMO_SIZE:
+            self.memo.popitem(last=False)
+
+    def fast_hit(self, request_digest: str, max_age: float | None) -> tuple[str, bytes] | None:
+        """A byte-identical request seen before whose answer this process holds in memory."""
+        key = self.memo.get(request_digest)
+        if key is None:
+            return None
+        body = self.cache.near_get(key, max_age)
+        if body is None:
+            return None
+        self.cache.count("hit")
+        self.cache.count("near_hits")
+        return key, body
+
+    def forget(self) -> None:
+        """After a model changed: digests may now resolve to other keys."""
+        self.memo.clear()
 
     async def handle(
         self,
@@ -70,6 +100,7 @@ class Serving:
         stream: bool,
         include_usage: bool,
         policy: CachePolicy,
+        request_digest: str | None = None,
     ) -> Response:
         route = await self.router.resolve(request.model)
         images = [p for m in request.messages for p in m.images()]
@@ -80,6 +111,8 @@ class Serving:
             return await self._uncached(route, request, stream, include_usage)
         scope = "shared" if self.shared else f"tenant:{tenant}"
         key = cache_key(request, scope=scope, fingerprint=route.card.fingerprint)
+        if not stream:
+            self.remember(request_digest, key)
         session = self.cache.session(
             request.model,
             key,

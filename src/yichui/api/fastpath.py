@@ -1,0 +1,111 @@
+"""The hit fast path: a request byte-identical to one already answered from the cache is
+answered from memory before any parsing or validation.
+
+Its identity is the SHA-256 of the tenant, the path, the cache headers and the raw body. The
+first time such a request goes the normal way (validation, model resolution, the canonical
+key); ``Serving`` remembers which cache key it resolved to. Afterwards, while the near cache
+holds that key's answer, the same bytes get it straight away with ``x-yichui-cache: hit``. A
+changed model forgets every remembered digest, a store or a clear drops the answer, and
+``no-cache`` requests never take this path, so it serves nothing the normal path would not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from yichui.api.auth import tenant_for
+from yichui.api.errors import APIError
+from yichui.api.openai.serving import CACHE_HEADER, KEY_HEADER, CachePolicy
+
+PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+class HitFastPath:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        headers = {
+            k: v.decode("latin-1")
+            for k, v in scope.get("headers", [])
+            if k in (b"authorization", b"cache-control", b"x-yichui-cache-policy")
+        }
+        state: Any = getattr(scope.get("app"), "state", None)
+        serving = getattr(state, "serving", None)
+        if serving is not None and "no-cache" not in headers.get(b"cache-control", "").lower():
+            tenant = tenant_for(state.settings.api_keys, headers.get(b"authorization", ""))
+            if tenant is not None:
+                digest = _digest(scope["path"], tenant, headers, body)
+                scope.setdefault("state", {})["request_digest"] = digest
+                answered = await _answer(serving, digest, headers, send)
+                if answered:
+                    return
+        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+        await self.app(scope, _replay(replay, receive), send)
+
+
+def _digest(path: str, tenant: str, headers: dict[bytes, str], body: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (
+        path,
+        tenant,
+        headers.get(b"cache-control", ""),
+        headers.get(b"x-yichui-cache-policy", ""),
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(body)
+    return h.hexdigest()
+
+
+async def _answer(serving: Any, digest: str, headers: dict[bytes, str], send: Send) -> bool:
+    try:
+        max_age = CachePolicy.from_headers(headers.get(b"cache-control"), None).max_age
+    except APIError:
+        return False  # the normal path answers the error
+    hit = serving.fast_hit(digest, max_age)
+    if hit is None:
+        return False
+    key, body = hit
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (CACHE_HEADER.encode(), b"hit"),
+                (KEY_HEADER.encode(), key.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` that first hands out the messages we already read."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
