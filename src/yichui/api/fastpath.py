@@ -52,7 +52,7 @@ class HitFastPath:
             tenant = tenant_for(state.settings.api_keys, headers.get(b"authorization", ""))
             if tenant is not None:
                 digest = _digest(scope["path"], tenant, headers, body)
-                scope.setdefault("state", {})["request_digest"] = digest
+                scope["yichui.request_digest"] = digest
                 answered = await _answer(serving, digest, headers, send)
                 if answered:
                     return

@@ -44,6 +44,7 @@ async def chat_completions(
         stream=body.stream,
         include_usage=include_usage,
         policy=CachePolicy.from_headers(cache_control, cache_policy),
+        request_digest=request.scope.get("yichui.request_digest"),
     )
 
 
@@ -63,6 +64,7 @@ async def completions(
         stream=body.stream,
         include_usage=include_usage,
         policy=CachePolicy.from_headers(cache_control, cache_policy),
+        request_digest=request.scope.get("yichui.request_digest"),
     )
 
 

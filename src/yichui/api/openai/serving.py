@@ -86,6 +86,7 @@ class Serving:
             return None
         self.cache.count("hit")
         self.cache.count("near_hits")
+        self.cache.count("fast_hits")
         return key, body
 
     def forget(self) -> None:
