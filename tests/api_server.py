@@ -23,8 +23,11 @@ class ServerProcess:
     client = server.openai()
     """
 
-    def __init__(self, workdir: Path, *, redis_url: str, **settings: Any) -> None:
+    def __init__(
+        self, workdir: Path, *, redis_url: str, args: tuple[str, ...] = (), **settings: Any
+    ) -> None:
         self.workdir = workdir
+        self.args = args
         self.port = free_port()
         self.log = workdir / f"serve-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("YICHUI_")}
@@ -57,6 +60,7 @@ class ServerProcess:
                     str(self.port),
                     "--log-level",
                     "warning",
+                    *self.args,
                 ],
                 env=self.env,
                 stdout=out,

@@ -4,8 +4,10 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from tests.api_server import ServerProcess
 from tests.helpers import make_model
 from tests.test_cli import assert_one_line_error, run
 from yichui.config import Settings
@@ -121,3 +123,33 @@ def test_models_pull_detach_runs_a_download_task(settings: Settings) -> None:
     assert shown["progress"]["step"] == shown["progress"]["total"] > 50_000
     status = json.loads(run(settings, "models", "status", "org/small", "--json").stdout)
     assert status["exists"] is True
+
+
+def test_serve_runs_task_workers_beside_the_api(settings: Settings, tmp_path: Path) -> None:
+    server = ServerProcess(
+        tmp_path,
+        redis_url=str(settings.redis_url),
+        args=("--workers", "1"),
+        data_dir=str(settings.data_dir),
+        task_heartbeat="0.2",
+        task_lease="2",
+    ).start()
+    try:
+        done = run(
+            settings,
+            "tasks",
+            "selftest",
+            "--steps",
+            "2",
+            "--step-seconds",
+            "0",
+            "--wait",
+            "--json",
+            **FAST,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1])["state"] == "succeeded"
+    finally:
+        server.stop()
+    # the worker child got SIGTERM with its parent and left the group
+    assert tasks(settings, "workers")["workers"] == []

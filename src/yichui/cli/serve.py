@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,8 +27,6 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health."""
-    import uvicorn
-
     from yichui.api.app import create_app
 
     rt: Runtime = ctx.obj
@@ -39,19 +38,37 @@ def serve(
         subprocess.Popen([sys.executable, "-m", "yichui.cli.main", *extra, "worker", "--quiet"])
         for _ in range(workers)
     ]
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM once it has shut down, which ends the process before any
+        ``finally``: the task workers are stopped during the shutdown instead."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets)
+            await asyncio.to_thread(_stop, children)
+
+    config_ = uvicorn.Config(
+        create_app(s, runtime=rt),
+        host=host or s.api_host,
+        port=port or s.api_port,
+        log_level=log_level,
+        access_log=False,
+    )
     try:
-        uvicorn.run(
-            create_app(s, runtime=rt),
-            host=host or s.api_host,
-            port=port or s.api_port,
-            log_level=log_level,
-            access_log=False,
-        )
+        _Server(config_).run()
     finally:
-        for child in children:  # SIGTERM: they hand their tasks back
+        _stop(children)
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (they hand their tasks back), then SIGKILL after 15 s."""
+    for child in children:
+        if child.poll() is None:
             child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+    for child in children:
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
