@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from yichui import __version__
 from yichui.api.errors import error_body, install_handlers
-from yichui.api.fastpath import HitFastPath
+from yichui.api.fastpath import HitFastPath, send_json
 from yichui.api.openai.router import router as openai_router
 from yichui.api.openai.serving import Serving
 from yichui.config import Settings, load_settings
@@ -72,17 +72,7 @@ class BodyTooLarge(HTTPException):
 
 async def _too_large(send: Send, limit: int) -> None:
     body = orjson.dumps(error_body(413, f"request body over the {limit} byte limit"))
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, 413, body)
 
 
 def _ttl_for(settings: Settings) -> Any:

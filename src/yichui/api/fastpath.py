@@ -12,6 +12,7 @@ changed model forgets every remembered digest, a store or a clear drops the answ
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -83,20 +84,28 @@ async def _answer(serving: Any, digest: str, headers: dict[bytes, str], send: Se
     if hit is None:
         return False
     key, body = hit
+    await send_json(
+        send, 200, body, [(CACHE_HEADER.encode(), b"hit"), (KEY_HEADER.encode(), key.encode())]
+    )
+    return True
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer with JSON bytes straight from ASGI (below FastAPI: no response object)."""
     await send(
         {
             "type": "http.response.start",
-            "status": 200,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (CACHE_HEADER.encode(), b"hit"),
-                (KEY_HEADER.encode(), key.encode()),
+                *headers,
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
-    return True
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
