@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 
 from tests.tiny_model import build_tiny_model
-from yichui.errors import ImagesNotAcceptedError, ModelNotFoundError
+from yichui.errors import (
+    ChatTemplateError,
+    ImagesNotAcceptedError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from yichui.inference.engine import (
     EngineChunk,
     EngineRequest,
@@ -23,11 +28,10 @@ from yichui.inference.engine import (
     Message,
 )
 from yichui.inference.engines.local import (
-    ChatTemplateError,
     LocalEngine,
     fallback_chat_prompt,
 )
-from yichui.inference.pool import ModelLoadError, ModelPool, estimate_bytes
+from yichui.inference.pool import ModelPool, estimate_bytes
 from yichui.models.registry import ModelRegistry
 
 A = "tiny/llama"

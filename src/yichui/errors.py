@@ -15,7 +15,8 @@
     │   ├── SourceError                       a hub, mirror or file we pull from
     │   │   ├── SourceNotFoundError (LookupError)
     │   │   └── SourceUnavailableError (ConnectionError)
-    │   └── DownloadError (OSError)           disk full, permission denied, interrupted
+    │   ├── DownloadError (OSError)           disk full, permission denied, interrupted
+    │   └── ModelLoadError                    a model's files cannot be loaded (API: 500)
     ├── TaskError                             the task engine (has ``task_id``)
     │   ├── UnknownTaskTypeError (ValueError)
     │   ├── InvalidTaskArgsError (ValueError) arguments that do not fit the task type
@@ -25,7 +26,8 @@
     │   └── TaskFailedError                   raised by task code to fail on purpose
     └── InferenceError                        running a model
         ├── UpstreamError                     an upstream server failed (has ``status``, ``body``)
-        └── ImagesNotAcceptedError (ValueError)  image parts for a text-only model
+        ├── ImagesNotAcceptedError (ValueError)  image parts for a text-only model
+        └── ChatTemplateError (ValueError)    the chat template refused the messages (API: 400)
 
 Each error carries structured fields and an optional ``hint`` telling the user what to do
 next; the CLI and the API translate them once, at their edge. ``retryable`` tells the task
@@ -244,4 +246,31 @@ class ImagesNotAcceptedError(InferenceError, ValueError):
             f"model {model!r} does not accept images",
             hint=f"set upstreams.{model}.accepts_images = true if the upstream model does",
         )
+        self.model = model
+
+
+class ModelLoadError(ModelError):
+    """A model's files could not be loaded (broken config, missing weights, out of memory)."""
+
+    status = 500
+    """What the API answers with (its message, rather than a bare "internal error")."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"cannot load model {name!r}: {reason}",
+            name=name,
+            hint=f"check its files with `yichui models verify {name}`",
+        )
+        self.reason = reason
+
+
+class ChatTemplateError(InferenceError, ValueError):
+    """The model's chat template refused the messages (roles out of order, say): a bad
+    request, answered 400."""
+
+    exit_code = 2
+    retryable = False
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"the chat template of model {model!r} refused the messages: {reason}")
         self.model = model

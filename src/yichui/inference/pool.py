@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yichui.errors import MissingExtraError, ModelError
+from yichui.errors import MissingExtraError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,6 @@ _ST_SIZES = {
     "BOOL": 1,
 }
 _ST_FLOATS = {"F64", "F32", "F16", "BF16"}
-
-
-class ModelLoadError(ModelError):
-    """A model's files could not be loaded (broken config, missing weights, out of memory)."""
-
-    status = 500
-    """What the API answers with (its message, rather than a bare "internal error")."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(
-            f"cannot load model {name!r}: {reason}",
-            name=name,
-            hint=f"check its files with `yichui models verify {name}`",
-        )
-        self.reason = reason
 
 
 @dataclass(eq=False)

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from yichui.errors import (
+    ChatTemplateError,
     ImagesNotAcceptedError,
-    InferenceError,
     MissingExtraError,
     ModelNotFoundError,
 )
@@ -60,18 +60,6 @@ from yichui.models.registry import ModelRegistry
 from yichui.models.status import ModelStatus
 
 Finish = Literal["stop", "length"]
-
-
-class ChatTemplateError(InferenceError, ValueError):
-    """The model's chat template refused the messages (roles out of order, say): a bad
-    request, answered 400."""
-
-    exit_code = 2
-    retryable = False
-
-    def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"the chat template of model {model!r} refused the messages: {reason}")
-        self.model = model
 
 
 class LocalEngine:
