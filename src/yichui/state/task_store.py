@@ -356,11 +356,11 @@ class TaskStore:
     def listing(self, states: Sequence[str] = STATES, *, limit: int = 50) -> list[dict[str, Any]]:
         """The newest ``limit`` tasks in ``states`` (by time they entered it), newest first."""
         ids: list[tuple[float, str, str]] = []
+        pipe = self.client.pipeline(transaction=False)  # one round trip for every index
         for state in states:
-            for raw, score in self.client.zrevrange(
-                self.keys.task_index(state), 0, limit - 1, withscores=True
-            ):
-                ids.append((float(score), _s(raw), state))
+            pipe.zrevrange(self.keys.task_index(state), 0, limit - 1, withscores=True)
+        for state, rows in zip(states, pipe.execute(), strict=True):
+            ids.extend((float(score), _s(raw), state) for raw, score in rows)
         ids.sort(reverse=True)
         ids = ids[:limit]
         if not ids:
