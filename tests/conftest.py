@@ -16,7 +16,10 @@ from yichui.state.model_status import ModelStatusStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = ["tests.hub_fixtures"]  # fake hub and SDK isolation fixtures
+pytest_plugins = [
+    "tests.hub_fixtures",
+    "tests.task_fixtures",
+]  # fake hub and SDK isolation fixtures
 
 
 @pytest.fixture(scope="session")
