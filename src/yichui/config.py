@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     """Seconds a finished task's status is kept."""
     response_ttl: int = Field(default=DAY, gt=0)
     """Seconds a cached inference response lives (± jitter)."""
+    eval_result_ttl: int = Field(default=30 * DAY, gt=0)
+    """Seconds an evaluation report is kept in Redis (the report file under ``data_dir/evals``
+    stays: asked again after that, it is read from disk)."""
     ttl_jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Relative jitter applied to every TTL so entries do not expire together."""
 
@@ -169,6 +172,13 @@ class Settings(BaseSettings):
     image_file_roots: list[Path] = Field(default_factory=list)
     """Folders from which requests may reference images as local files (``file://`` URLs or
     absolute paths). Empty: local files are refused."""
+
+    train_launcher: Literal["torchrun", "accelerate"] = "torchrun"
+    """What starts the processes of a training with ``nproc_per_node`` > 1 or ``nnodes`` > 1."""
+    train_master_addr: str | None = None
+    """Address of node 0 (the worker running the task) for training on several nodes."""
+    train_master_port: int = Field(default=0, ge=0, le=65535)
+    """Rendezvous port (0: a free one; set it for several nodes)."""
 
     mirror_dir: Path | None = None
     """A local mirror folder laid out as ``<org>/<name>/…`` (a NAS "hub"): source ``mirror``."""

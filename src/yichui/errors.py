@@ -24,6 +24,8 @@
     │   ├── TaskConflictError (ValueError)    an id reused with other arguments
     │   ├── TaskStateError                    not allowed in the task's state (retry a running one)
     │   └── TaskFailedError                   raised by task code to fail on purpose
+    ├── TrainingError                         fine-tuning, merging, evaluation
+    │   └── DatasetError (ValueError)         a JSONL dataset that is missing or malformed
     └── InferenceError                        running a model
         ├── UpstreamError                     an upstream server failed (has ``status``, ``body``)
         ├── ImagesNotAcceptedError (ValueError)  image parts for a text-only model
@@ -207,6 +209,30 @@ class TaskFailedError(TaskError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class TrainingError(YichuiError):
+    """Fine-tuning, merging or evaluation cannot go on (QLoRA without a GPU, a bad adapter)."""
+
+    retryable = False
+
+
+class DatasetError(TrainingError, ValueError):
+    """A dataset file is missing, empty, not JSONL, or has a record of the wrong shape.
+
+    ``line`` is the 1-based line of the first bad record (None for the file as a whole)."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, *, path: object, line: int | None = None) -> None:
+        where = f"dataset {str(path)!r}" + (f", line {line}" if line is not None else "")
+        super().__init__(f"{where}: {problem}", hint=_DATASET_HINT)
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+
+
+_DATASET_HINT = "see docs/training.md#datasets for the record shapes"
 
 
 class InferenceError(YichuiError):

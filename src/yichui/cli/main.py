@@ -11,7 +11,18 @@ import click
 import typer
 
 from yichui import __version__
-from yichui.cli import cache_cmd, chat, doctor, models, redis_cmd, serve, tasks, up, worker
+from yichui.cli import (
+    cache_cmd,
+    chat,
+    doctor,
+    models,
+    redis_cmd,
+    serve,
+    tasks,
+    train,
+    up,
+    worker,
+)
 from yichui.cli.output import err_console
 from yichui.config import load_settings
 from yichui.errors import YichuiError
@@ -30,6 +41,9 @@ app.add_typer(tasks.app, name="tasks")
 app.command("worker")(worker.worker)
 app.command("serve")(serve.serve)
 app.command("chat")(chat.chat)
+app.command("train")(train.train)
+app.command("merge")(train.merge)
+app.command("eval")(train.eval_)
 app.add_typer(cache_cmd.app, name="cache")
 app.command("doctor")(doctor.doctor)
 app.command("up")(up.up)

@@ -80,7 +80,7 @@ class ModelStatus:
     revision: str | None = None
     source: str | None = None
     modified: float | None = None
-    kind: str | None = None  # text | multimodal | unknown
+    kind: str | None = None  # text | multimodal | adapter | unknown
     fingerprint: str | None = None
     checked_at: float = field(default_factory=time.time)
     v: int = STATUS_VERSION
@@ -118,7 +118,10 @@ def iter_files(folder: Path) -> list[tuple[str, os.stat_result]]:
 
 
 def detect_kind(folder: Path) -> str:
-    """``multimodal`` or ``text`` from ``config.json``; ``unknown`` without one."""
+    """``multimodal`` or ``text`` from ``config.json``; ``adapter`` for a LoRA adapter
+    (``adapter_config.json`` and no ``config.json``); ``unknown`` otherwise."""
+    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+        return "adapter"
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -196,7 +199,7 @@ def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
 
 def is_model_folder(folder: Path) -> bool:
     """A folder holding a model (as opposed to an ``org`` folder holding models)."""
-    if (folder / MANIFEST).exists() or (folder / "config.json").exists():
+    if any((folder / f).exists() for f in (MANIFEST, "config.json", "adapter_config.json")):
         return True
     try:
         with os.scandir(folder) as it:

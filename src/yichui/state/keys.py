@@ -119,6 +119,12 @@ class Keys:
         """Pub/sub channel: ``{"key", "ok"}`` when a computation that others wait for ends."""
         return self._k("response_events")
 
+    # -- evaluation -----------------------------------------------------------------------------
+    def eval_result(self, key: str) -> str:
+        """STRING, JSON report of one evaluation, keyed by the SHA-256 of the model's
+        fingerprint, the dataset's hash and the parameters; TTL ``eval_result_ttl`` ± jitter."""
+        return self._k("eval_result", key)
+
 
 def _quote(model: str) -> str:
     return quote(model, safe="/._-")

@@ -146,4 +146,25 @@ def builtin_types() -> TaskTypes:
             "pull a model from a hub or the mirror",
         )
     )
+    from yichui.training.args import EvalArgs, MergeArgs, TrainArgs
+
+    reg.register(
+        TaskType(
+            "train",
+            TrainArgs,
+            "yichui.training.lora:train",
+            "LoRA/QLoRA fine-tuning; resumes from its last checkpoint",
+        )
+    )
+    reg.register(
+        TaskType("merge", MergeArgs, "yichui.training.merge:merge", "fold an adapter into its base")
+    )
+    reg.register(
+        TaskType(
+            "evaluate",
+            EvalArgs,
+            "yichui.training.evaluate:evaluate",
+            "loss, perplexity and answer accuracy on a dataset",
+        )
+    )
     return reg

@@ -1,0 +1,205 @@
+"""``yichui train``, ``yichui merge`` and ``yichui eval``: queue the task, print its id.
+
+Without ``--wait`` the id goes to stdout alone (``TASK=$(yichui train …)``) and how to watch
+it to stderr; ``--json`` prints the task as an object with ``id``; ``--wait`` follows it with a
+progress bar and exits as ``yichui tasks watch`` does (0 succeeded, 1 failed, 3 cancelled).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from yichui.cli.output import JsonOpt, console, err_console, print_json
+from yichui.cli.tasks import EXIT_CODES, watch_task
+from yichui.runtime import Runtime
+from yichui.training.service import TrainingService
+
+WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="Follow it until it ends.")]
+QueueOpt = Annotated[str | None, typer.Option(help="Queue (default: task_queue).")]
+ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Replace a model of the output name.")]
+
+
+def _svc(ctx: typer.Context) -> tuple[Runtime, TrainingService]:
+    rt: Runtime = ctx.obj
+    return rt, TrainingService(rt)
+
+
+def _queued(rt: Runtime, t: dict[str, Any], *, wait: bool, json: bool, what: str) -> None:
+    if wait:
+        state = watch_task(rt, t["id"], json=json)
+        if state == "succeeded" and not json:
+            result = rt.tasks.get(t["id"]).get("result") or {}
+            if result.get("path"):
+                console.print(f"{what}: {result.get('output')} ({result['path']})", highlight=False)
+        raise typer.Exit(EXIT_CODES.get(state, 1))
+    if json:
+        print_json(t)
+        return
+    typer.echo(t["id"])
+    err_console.print(f"watch it with: yichui tasks watch {t['id']}", highlight=False)
+
+
+def train(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model to fine-tune.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="JSONL file of examples.")],
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="Adapter name (default: <model>-lora-<time>)."),
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank r. [default: 8]")] = None,
+    alpha: Annotated[int | None, typer.Option(help="LoRA alpha. [default: 16]")] = None,
+    dropout: Annotated[float | None, typer.Option(help="LoRA dropout. [default: 0.05]")] = None,
+    target_modules: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module names, or all-linear (default: peft's)."),
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate. [default: 2e-4]")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs. [default: 1]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-device batch. [default: 4]")] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="Gradient accumulation. [default: 1]")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per example. [default: 512]")
+    ] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps. [default: 0]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed. [default: 42]")] = None,
+    save_steps: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps. [default: 50]")
+    ] = None,
+    qlora: Annotated[
+        bool, typer.Option("--qlora", help="4-bit base (CUDA + bitsandbytes).")
+    ] = False,
+    backend: Annotated[str | None, typer.Option(help="peft (default) or swift.")] = None,
+    nproc_per_node: Annotated[
+        int | None, typer.Option(help="Processes on the node: >1 launches torchrun.")
+    ] = None,
+    replace: ReplaceOpt = False,
+    queue: QueueOpt = None,
+    wait: WaitOpt = False,
+    json: bool = JsonOpt,
+) -> None:
+    """Fine-tune MODEL with LoRA on a JSONL dataset (checked before anything is queued)."""
+    rt, svc = _svc(ctx)
+    targets = (
+        tuple(t.strip() for t in target_modules.split(",") if t.strip()) if target_modules else None
+    )
+    t = svc.train(
+        model,
+        dataset,
+        output=output,
+        replace=replace,
+        queue=queue,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=targets,
+        learning_rate=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        save_steps=save_steps,
+        qlora=qlora or None,
+        backend=backend,
+        nproc_per_node=nproc_per_node,
+    )
+    if not json and not wait:
+        err_console.print(f"run folder: {t['run_dir']}; adapter: {t['output']}", highlight=False)
+    _queued(rt, t, wait=wait, json=json, what="adapter")
+
+
+def merge(
+    ctx: typer.Context,
+    adapter: Annotated[str, typer.Argument(help="Adapter made by `yichui train`.")],
+    base: Annotated[
+        str | None, typer.Option(help="Base model (default: the one it was trained on).")
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="New model's name (default: <adapter>-merged)."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto (the base's), bfloat16, float16, float32.")
+    ] = "auto",
+    replace: ReplaceOpt = False,
+    queue: QueueOpt = None,
+    wait: WaitOpt = False,
+    json: bool = JsonOpt,
+) -> None:
+    """Merge an adapter into its base and register the result as a new model."""
+    rt, svc = _svc(ctx)
+    t = svc.merge(adapter, base=base, output=output, replace=replace, dtype=dtype, queue=queue)
+    _queued(rt, t, wait=wait, json=json, what="model")
+
+
+def eval_(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Model, or base@adapter.")],
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="JSONL evaluation set.")],
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N records.")] = None,
+    generate: Annotated[
+        bool, typer.Option(help="Generate answers for exact-match/contains accuracy.")
+    ] = True,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Per answer. [default: 64]")] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per example. [default: 1024]")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per batch. [default: 8]")] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Run again even if cached.")] = False,
+    queue: QueueOpt = None,
+    wait: WaitOpt = False,
+    json: bool = JsonOpt,
+) -> None:
+    """Evaluate MODEL on a JSONL set: loss, perplexity, exact-match and contains accuracy.
+
+    The same evaluation asked again (same model files, dataset and parameters) is answered at
+    once from the cache."""
+    rt, svc = _svc(ctx)
+    sub = svc.evaluate(
+        model,
+        dataset,
+        queue=queue,
+        refresh=refresh,
+        limit=limit,
+        generate=generate,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        batch_size=batch_size,
+    )
+    if sub.cached:
+        if json:
+            print_json(sub.to_dict())
+        else:
+            _print_report(sub.report or {}, note=f"cached ({sub.source})")
+        return
+    assert sub.task is not None
+    if not wait:
+        if json:
+            print_json(sub.to_dict())
+        else:
+            typer.echo(sub.task["id"])
+            err_console.print(
+                f"watch it with: yichui tasks watch {sub.task['id']}", highlight=False
+            )
+        return
+    state = watch_task(rt, sub.task["id"], json=json)
+    if state == "succeeded" and not json:
+        _print_report(rt.tasks.get(sub.task["id"]).get("result") or {}, note="computed")
+    raise typer.Exit(EXIT_CODES.get(state, 1))
+
+
+def _print_report(report: dict[str, Any], *, note: str) -> None:
+    from yichui.training.report import summary_lines
+
+    for line in summary_lines(report):
+        console.print(line, highlight=False, markup=False)
+    err_console.print(f"({note})", highlight=False)

@@ -1,0 +1,1 @@
+"""Fine-tuning (LoRA/QLoRA), merging and evaluation, each run as a task (see docs/training.md)."""

@@ -1,0 +1,189 @@
+"""The ``evaluate`` task: loss and perplexity of the answers, and greedy answer accuracy.
+
+The report is stored as ``<data_dir>/evals/<key>.json`` and in Redis under ``eval_result:<key>``
+(see :mod:`yichui.state.eval_store`), where ``key`` covers the model's fingerprint, the dataset's
+hash and the parameters: the same evaluation asked again is answered from there at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from yichui.models.targets import resolve_target
+from yichui.tasks.context import TaskContext
+from yichui.training.args import EvalArgs
+from yichui.training.dataset import Example, read_examples
+from yichui.training.loading import (
+    apply_adapter,
+    load_model,
+    load_tokenizer,
+    require_ml,
+    resolve_device,
+    resolve_dtype,
+)
+from yichui.training.report import contains, exact_match
+from yichui.training.service import TrainingService, eval_key
+
+SAMPLES = 20
+"""Records whose question, answer and prediction the report shows."""
+
+
+def evaluate(ctx: TaskContext, args: EvalArgs) -> dict[str, Any]:
+    require_ml("evaluation")
+    rt = ctx.services
+    svc = TrainingService(rt)
+    target = resolve_target(rt.registry, args.model)
+    key = eval_key(target.fingerprint, args.dataset.sha256, args.model_dump(mode="json"))
+    if key != args.key:
+        ctx.log("the model changed since this evaluation was queued: scoring the current files")
+    found = svc.cached_report(key)
+    if found is not None:  # an identical evaluation finished meanwhile
+        ctx.log(f"answered from the cache ({found[1]})")
+        return found[0]
+    started = time.monotonic()
+    device = resolve_device(rt.settings.inference_device)
+    dtype = resolve_dtype(device)
+    base_path = Path(target.base.path or "")
+    tok_path = base_path
+    if (
+        target.adapter is not None
+        and (Path(target.adapter.path or "") / "tokenizer_config.json").exists()
+    ):
+        tok_path = Path(target.adapter.path or "")
+    tokenizer = load_tokenizer(tok_path, args.model)
+    model = load_model(base_path, args.model, device=device, dtype=dtype)
+    if target.adapter is not None:
+        model = apply_adapter(model, Path(target.adapter.path or ""), args.model, merge=True)
+    model.eval()
+    examples = read_examples(args.dataset.path)
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    batches = _chunks(examples, args.batch_size)
+    total = len(batches) * (2 if args.generate else 1)
+    ctx.log(f"evaluating {args.model} on {len(examples)} records ({device})")
+    nll, tokens, step = 0.0, 0, 0
+    for batch in batches:
+        s, n = _batch_nll(model, tokenizer, batch, args.max_length, device)
+        nll, tokens, step = nll + s, tokens + n, step + 1
+        ctx.report(step, total, unit="batch", loss=nll / max(tokens, 1))
+    loss = nll / tokens if tokens else None
+    report: dict[str, Any] = {
+        "model": args.model,
+        "fingerprint": target.fingerprint,
+        "key": key,
+        "dataset": args.dataset.model_dump(),
+        "records": len(examples),
+        "tokens": tokens,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)) if loss is not None else None,
+        "params": args.model_dump(mode="json", exclude={"model", "dataset", "key"}),
+        "exact_match": None,
+        "contains": None,
+        "samples": [],
+    }
+    if args.generate:
+        hits_exact = hits_contains = 0
+        for batch in batches:
+            predictions = _generate(model, tokenizer, batch, args, device)
+            for ex, pred in zip(batch, predictions, strict=True):
+                em, ct = exact_match(pred, ex.answers), contains(pred, ex.answers)
+                hits_exact += em
+                hits_contains += ct
+                if len(report["samples"]) < SAMPLES:
+                    question = ex.prompt[-1]["content"] if ex.prompt else ""
+                    report["samples"].append(
+                        {
+                            "question": question,
+                            "answers": list(ex.answers),
+                            "prediction": pred,
+                            "exact": em,
+                            "contains": ct,
+                        }
+                    )
+            step += 1
+            ctx.report(step, total, unit="batch", exact_match=hits_exact / len(examples))
+        report["exact_match"] = hits_exact / len(examples)
+        report["contains"] = hits_contains / len(examples)
+    report["seconds"] = round(time.monotonic() - started, 3)
+    report["created"] = time.time()
+    ctx.flush()  # a run whose lease was lost stops before storing anything
+    svc.store_report(key, report)
+    em_text = "" if report["exact_match"] is None else f", exact match {report['exact_match']:.1%}"
+    ppl = report["perplexity"]
+    ctx.log(f"loss {loss}, perplexity {ppl}{em_text}")
+    return report
+
+
+def _chunks(items: list[Example], size: int) -> list[list[Example]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _batch_nll(
+    model: Any, tokenizer: Any, batch: list[Example], max_length: int, device: str
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of the answer tokens, and their count."""
+    import torch
+
+    from yichui.training.data import Collator, encode, pad_id
+
+    rows = [encode(tokenizer, ex, max_length) for ex in batch]
+    inputs = Collator(pad_id(tokenizer))(
+        [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
+    )
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = inputs["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return float(losses), int((shift_labels != -100).sum())
+
+
+def _generate(
+    model: Any, tokenizer: Any, batch: list[Example], args: EvalArgs, device: str
+) -> list[str]:
+    """Greedy answers to each example's prompt (left-padded batch)."""
+    import torch
+
+    from yichui.training.data import pad_id, render_prompt, token_ids
+
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    prompts = [
+        token_ids(tokenizer, render_prompt(tokenizer, ex.prompt), special=not templated)[
+            -args.max_length :
+        ]
+        for ex in batch
+    ]
+    width = max(len(p) for p in prompts)
+    pad = pad_id(tokenizer)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    from transformers import GenerationConfig
+
+    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    config = GenerationConfig(  # type: ignore[no-untyped-call]
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        # greedy means greedy: nothing from the model's generation_config.json
+        repetition_penalty=1.0,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    texts: list[str] = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [t.strip() for t in texts]

@@ -1,0 +1,436 @@
+"""Training in child processes: torchrun / accelerate (several GPUs or nodes) and ms-swift.
+
+The worker's task stays the one place that talks to Redis. It starts the training processes,
+follows the ``logging.jsonl`` they write (rank 0 only; one JSON object per logged step) and
+turns each line into task progress, exactly as the in-process Trainer does. A cancel or a
+hand-back writes a ``STOP`` file into the run folder: the processes notice it at the next step
+(agreed on by every rank through one ``all_reduce``, so no rank is left waiting in a
+collective), save a checkpoint and exit; a lost lease kills them at once.
+
+Several nodes: the worker that runs the task is node 0; every other node runs the command the
+task prints into its log (the same ``torchrun`` line with its own ``--node_rank``). The run
+folder must be on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from yichui.errors import TaskFailedError, TrainingError
+from yichui.models.targets import resolve_target
+from yichui.tasks.context import LeaseLost, TaskContext
+from yichui.training.args import TrainArgs
+from yichui.training.dataset import read_examples
+from yichui.training.runs import checkpoint_step, latest_checkpoint, read_json, write_json
+
+STOP_FILE = "STOP"
+POLL = 0.2
+STOP_GRACE = 600.0
+"""Seconds the processes get to save a checkpoint and exit after a cancel."""
+
+Parser = Callable[[dict[str, Any]], tuple[int, int, dict[str, float]] | None]
+
+
+# -- the worker's side ----------------------------------------------------------------------------
+def distributed_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
+    """Run ``train`` under torchrun (or accelerate) with ``nproc_per_node`` × ``nnodes``."""
+    from yichui.training.lora import register_adapter
+
+    rt = ctx.services
+    s = rt.settings
+    run_dir = Path(args.run_dir)
+    base = resolve_target(rt.registry, args.model).base
+    spec = run_dir / "launch.json"
+    write_json(
+        spec,
+        {
+            "args": args.model_dump(mode="json"),
+            "base_path": base.path,
+            "device": s.inference_device,
+        },
+    )
+    if args.nnodes > 1 and not s.train_master_addr:
+        raise TrainingError(
+            "training on several nodes needs train_master_addr (this node's address)",
+            hint="set YICHUI_TRAIN_MASTER_ADDR on the worker of node 0",
+        )
+    port = s.train_master_port or _free_port()
+    addr = s.train_master_addr or "127.0.0.1"
+    cmd = launch_command(
+        s.train_launcher, spec, args.nproc_per_node, args.nnodes, addr, port, node_rank=0
+    )
+    if args.nnodes > 1:
+        other = launch_command(
+            s.train_launcher, spec, args.nproc_per_node, args.nnodes, addr, port, node_rank=1
+        )
+        ctx.log("on every other node run (with its own node rank): " + " ".join(other))
+    resume = latest_checkpoint(run_dir)
+    ctx.log(
+        f"attempt {ctx.attempt}: {s.train_launcher} with {args.nproc_per_node} process(es)"
+        f" × {args.nnodes} node(s)" + (f", resuming from {resume.name}" if resume else "")
+    )
+    started = time.monotonic()
+    follow_process(ctx, cmd, run_dir, run_dir / "logging.jsonl", parse_trainer_line)
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise TaskFailedError(f"the training processes wrote no adapter into {adapter_dir}")
+    ctx.flush()
+    final = read_json(run_dir / "result.json") or {}
+    summary = {
+        "output": args.output,
+        "base": args.model,
+        "base_fingerprint": base.fingerprint,
+        "steps": int(final.get("steps", 0)),
+        "train_loss": float(final.get("train_loss", 0.0)),
+        "final": final.get("final", {}),
+        "seconds": round(time.monotonic() - started, 3),
+        "resumed_from": checkpoint_step(resume) if resume else 0,
+        "attempt": ctx.attempt,
+        "run_dir": str(run_dir),
+        "task": ctx.id,
+        "dataset": args.dataset.model_dump(),
+        "processes": args.nproc_per_node * args.nnodes,
+    }
+    write_json(run_dir / "result.json", summary)
+    status = register_adapter(rt.registry, args, adapter_dir, summary, task_id=ctx.id)
+    ctx.log(f"adapter registered as {args.output}")
+    return {**summary, "path": status.path, "fingerprint": status.fingerprint}
+
+
+def launch_command(
+    launcher: str,
+    spec: Path,
+    nproc: int,
+    nnodes: int,
+    addr: str,
+    port: int,
+    *,
+    node_rank: int,
+) -> list[str]:
+    """The command that starts the training processes of one node."""
+    if launcher == "accelerate":
+        exe = shutil.which("accelerate") or "accelerate"
+        return [
+            exe,
+            "launch",
+            f"--num_processes={nproc * nnodes}",
+            f"--num_machines={nnodes}",
+            f"--machine_rank={node_rank}",
+            f"--main_process_ip={addr}",
+            f"--main_process_port={port}",
+            "--multi_gpu" if nproc * nnodes > 1 else "--cpu",
+            "-m",
+            "yichui.training.launch",
+            str(spec),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={addr}",
+        f"--master_port={port}",
+        "-m",
+        "yichui.training.launch",
+        str(spec),
+    ]
+
+
+def follow_process(
+    ctx: TaskContext,
+    cmd: list[str],
+    run_dir: Path,
+    log_file: Path | Callable[[], Path | None],
+    parse: Parser,
+) -> None:
+    """Run ``cmd`` (its own process group), turning ``log_file`` lines into progress and its
+    output into log lines, until it exits; cancel and hand-back ask it to stop (``STOP``)."""
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    out_path = run_dir / "launch.log"
+    with open(out_path, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=run_dir, start_new_session=True
+        )
+    offset, out_offset = 0, out_path.stat().st_size if out_path.exists() else 0
+    tail: deque[str] = deque(maxlen=20)
+    stop_asked: float | None = None
+    try:
+        while True:
+            code = proc.poll()
+            path = log_file() if callable(log_file) else log_file
+            if path is not None and path.exists():
+                offset = _read_progress(ctx, path, offset, parse, quiet=stop_asked is not None)
+            out_offset = _read_output(ctx, out_path, out_offset, tail, quiet=stop_asked is not None)
+            if code is not None:
+                break
+            reason = ctx.stopping
+            if reason is LeaseLost:
+                _kill(proc)
+                raise LeaseLost(LeaseLost.__doc__)
+            if reason is not None and stop_asked is None:
+                (run_dir / STOP_FILE).write_text(reason.__name__)
+                stop_asked = time.monotonic()
+            if stop_asked is not None and time.monotonic() - stop_asked > STOP_GRACE:
+                _kill(proc)
+            time.sleep(POLL)
+    except BaseException:
+        _kill(proc)
+        raise
+    if stop_asked is not None:
+        kept = latest_checkpoint(run_dir)
+        ctx.log(f"stopping: checkpoint {kept.name if kept else 'none'} kept in {run_dir}")
+        ctx.check()
+    if code != 0:
+        last = " | ".join(list(tail)[-3:]) or f"see {out_path}"
+        raise TaskFailedError(f"training processes exited with status {code}: {last}")
+
+
+def _read_progress(ctx: TaskContext, path: Path, offset: int, parse: Parser, *, quiet: bool) -> int:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read()
+    end = data.rfind(b"\n") + 1  # a line still being written waits for the next round
+    for raw in data[:end].splitlines():
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            continue
+        parsed = parse(row) if isinstance(row, dict) else None
+        if parsed is not None and not quiet:
+            step, total, metrics = parsed
+            with contextlib.suppress(Exception):
+                ctx.report(step, total, unit="step", **metrics)
+    return offset + end
+
+
+def _read_output(
+    ctx: TaskContext, path: Path, offset: int, tail: deque[str], *, quiet: bool
+) -> int:
+    if not path.exists():
+        return offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(1 << 20)
+    end = data.rfind(b"\n") + 1
+    for raw in data[:end].decode("utf-8", "replace").splitlines():
+        line = raw.strip()
+        if line:
+            tail.append(line[:500])
+            if not quiet:
+                ctx.log(line[:500])
+    return offset + end
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parse_trainer_line(row: dict[str, Any]) -> tuple[int, int, dict[str, float]] | None:
+    """A ``logging.jsonl`` line of ours -> (step, total, metrics)."""
+    if "step" not in row or "loss" not in row:
+        return None
+    metrics = {
+        k: float(row[k])
+        for k in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch")
+        if isinstance(row.get(k), int | float)
+    }
+    return int(row["step"]), int(row.get("total") or 0), metrics
+
+
+# -- ms-swift -------------------------------------------------------------------------------------
+def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
+    """Run ms-swift's ``swift sft`` (LoRA) and follow its ``logging.jsonl``."""
+    from yichui.training.lora import register_adapter
+
+    exe = shutil.which("swift")
+    if exe is None:
+        raise TrainingError(
+            "the swift backend needs ms-swift, which this worker does not have",
+            hint="pip install ms-swift on the worker, or train with --backend peft",
+        )
+    rt = ctx.services
+    run_dir = Path(args.run_dir)
+    base = resolve_target(rt.registry, args.model).base
+    data = run_dir / "swift_dataset.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for ex in read_examples(args.dataset.path):
+            fh.write(json.dumps({"messages": list(ex.messages)}, ensure_ascii=False) + "\n")
+    out_dir = run_dir / "swift"
+    cmd = swift_command(exe, args, str(base.path), data, out_dir, latest_swift_checkpoint(out_dir))
+    ctx.log(f"attempt {ctx.attempt}: " + " ".join(cmd))
+    started = time.monotonic()
+    follow_process(ctx, cmd, run_dir, lambda: _newest(out_dir, "logging.jsonl"), parse_swift_line)
+    last = latest_swift_checkpoint(out_dir)
+    if last is None:
+        raise TaskFailedError(f"swift sft wrote no checkpoint under {out_dir}")
+    adapter_dir = run_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    adapter_dir.mkdir()
+    for f in last.iterdir():
+        if f.is_file() and (f.name.startswith("adapter_") or f.name.startswith("tokenizer")):
+            shutil.copy2(f, adapter_dir / f.name)
+    ctx.flush()
+    summary = {
+        "output": args.output,
+        "base": args.model,
+        "base_fingerprint": base.fingerprint,
+        "steps": checkpoint_step(last),
+        "train_loss": 0.0,
+        "final": {},
+        "seconds": round(time.monotonic() - started, 3),
+        "attempt": ctx.attempt,
+        "run_dir": str(run_dir),
+        "task": ctx.id,
+        "dataset": args.dataset.model_dump(),
+        "backend": "swift",
+    }
+    status = register_adapter(rt.registry, args, adapter_dir, summary, task_id=ctx.id)
+    return {**summary, "path": status.path, "fingerprint": status.fingerprint}
+
+
+def swift_command(
+    exe: str, args: TrainArgs, base_path: str, data: Path, out_dir: Path, resume: Path | None
+) -> list[str]:
+    cmd = [
+        exe, "sft",
+        "--model", base_path,
+        "--train_type", "lora",
+        "--dataset", str(data),
+        "--output_dir", str(out_dir),
+        "--lora_rank", str(args.rank),
+        "--lora_alpha", str(args.alpha),
+        "--lora_dropout", str(args.dropout),
+        "--learning_rate", str(args.learning_rate),
+        "--num_train_epochs", str(args.epochs),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", str(args.grad_accum),
+        "--max_length", str(args.max_length),
+        "--seed", str(args.seed),
+        "--save_steps", str(args.save_steps),
+        "--save_total_limit", str(args.keep_checkpoints),
+        "--logging_steps", "1",
+        "--target_modules", *(args.target_modules or ("all-linear",)),
+    ]  # fmt: skip
+    if args.max_steps:
+        cmd += ["--max_steps", str(args.max_steps)]
+    if args.qlora:
+        cmd += ["--quant_bits", "4", "--quant_method", "bnb"]
+    if resume is not None:
+        cmd += ["--resume_from_checkpoint", str(resume)]
+    return cmd
+
+
+def parse_swift_line(row: dict[str, Any]) -> tuple[int, int, dict[str, float]] | None:
+    """A line of ms-swift's ``logging.jsonl`` (``"global_step/max_steps": "5/100"``, loss,
+    grad_norm, learning_rate, epoch, ``train_speed(iter/s)``) -> (step, total, metrics)."""
+    where = row.get("global_step/max_steps")
+    if not isinstance(where, str) or "/" not in where or "loss" not in row:
+        return None
+    try:
+        step, total = (int(x) for x in where.split("/", 1))
+    except ValueError:
+        return None
+    metrics = {
+        k: float(row[k])
+        for k in ("loss", "learning_rate", "grad_norm", "epoch")
+        if isinstance(row.get(k), int | float)
+    }
+    return step, total, metrics
+
+
+def latest_swift_checkpoint(out_dir: Path) -> Path | None:
+    """The newest ``v*/checkpoint-N`` swift saved (it makes a versioned folder per run)."""
+    found = [
+        (checkpoint_step(p), p)
+        for p in out_dir.glob("v*/checkpoint-*")
+        if (p / "adapter_config.json").exists()
+    ]
+    return max(found)[1] if found else None
+
+
+def _newest(folder: Path, name: str) -> Path | None:
+    found = sorted(folder.glob(f"v*/{name}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+# -- the training processes' side ------------------------------------------------------------------
+def _child_main(spec_path: str) -> None:
+    """One training process (``python -m yichui.training.launch SPEC``), under torchrun."""
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    from yichui.training.lora import build_trainer
+    from yichui.training.progress import TaskProgress
+
+    spec = json.loads(Path(spec_path).read_text())
+    args = TrainArgs.model_validate(spec["args"])
+    run_dir = Path(args.run_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    stop_file = run_dir / STOP_FILE
+
+    class StopFile(TrainerCallback):
+        """Every rank stops at the same step: rank 0's view of STOP is all-reduced."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+
+            flag = torch.tensor([1.0 if stop_file.exists() else 0.0])
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                control.should_save = True
+                control.should_training_stop = True
+
+    from yichui.training.loading import resolve_device
+
+    device = resolve_device(spec.get("device") or "auto")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    callbacks: list[Any] = [StopFile()]
+    progress = TaskProgress(None, run_dir if rank == 0 else None)
+    callbacks.append(progress)
+    trainer, tokenizer = build_trainer(args, Path(spec["base_path"]), args.model, device, callbacks)
+    resume = latest_checkpoint(run_dir)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    progress.close()
+    if stop_file.exists():
+        return
+    if rank == 0:
+        trainer.save_model(str(run_dir / "adapter"))
+        tokenizer.save_pretrained(str(run_dir / "adapter"))
+        write_json(
+            run_dir / "result.json",
+            {
+                "steps": int(trainer.state.global_step),
+                "train_loss": float(result.training_loss),
+                "final": progress.last,
+            },
+        )
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

@@ -1,0 +1,88 @@
+"""The ``merge`` task: fold a LoRA adapter into its base and register a new model.
+
+The merged weights are written in the base's dtype (or the one asked for) into the model's
+staging folder and moved into place by :func:`~yichui.models.install.install_model`, which
+publishes the new ``model_status`` entry in the same step: the model is listed, and servable,
+the moment the task succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from yichui.models.install import install_model
+from yichui.models.status import read_manifest
+from yichui.models.targets import resolve_target
+from yichui.tasks.context import TaskContext
+from yichui.training.args import MergeArgs
+from yichui.training.loading import apply_adapter, load_model, load_tokenizer, require_ml
+
+STEPS = 4
+
+
+def merge(ctx: TaskContext, args: MergeArgs) -> dict[str, Any]:
+    require_ml("merging")
+    import torch
+
+    rt = ctx.services
+    target = resolve_target(rt.registry, f"{args.base}@{args.adapter}")
+    assert target.adapter is not None
+    base_path, adapter_path = Path(target.base.path or ""), Path(target.adapter.path or "")
+    dtype = _dtype(base_path, args.dtype)
+
+    def produce(staging: Path, _lock: Any) -> dict[str, Any]:
+        ctx.log(f"loading {args.base} ({dtype})")
+        model = load_model(base_path, args.base, device="cpu", dtype=getattr(torch, dtype))
+        ctx.report(1, STEPS)
+        ctx.log(f"applying {args.adapter}")
+        model = apply_adapter(model, adapter_path, args.adapter, merge=False)
+        ctx.report(2, STEPS)
+        model = model.merge_and_unload()
+        ctx.report(3, STEPS)
+        ctx.flush()  # a run whose lease was lost stops before writing the model
+        model.save_pretrained(str(staging))
+        tok_src = adapter_path if (adapter_path / "tokenizer_config.json").exists() else base_path
+        load_tokenizer(tok_src, args.adapter).save_pretrained(str(staging))
+        ctx.report(4, STEPS)
+        trained = read_manifest(adapter_path)
+        return {
+            "source": "merge",
+            "revision": f"merge:{target.fingerprint}",
+            "base": args.base,
+            "base_fingerprint": target.base.fingerprint,
+            "adapter": args.adapter,
+            "adapter_fingerprint": target.adapter.fingerprint if target.adapter else None,
+            "dataset": trained.get("dataset"),
+            "task": ctx.id,
+        }
+
+    def current(status: Any) -> bool:
+        return bool(read_manifest(Path(status.path or "")).get("task") == ctx.id)
+
+    result = install_model(
+        rt.registry, args.output, produce, event="merged", is_current=current, replace=False
+    )
+    status = result.status
+    ctx.log(f"registered {args.output} ({status.size} bytes, {result.action})")
+    return {
+        "output": args.output,
+        "path": status.path,
+        "size": status.size,
+        "fingerprint": status.fingerprint,
+        "base": args.base,
+        "adapter": args.adapter,
+        "dtype": dtype,
+    }
+
+
+def _dtype(base: Path, asked: str) -> str:
+    if asked != "auto":
+        return asked
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    found = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return found if found in ("bfloat16", "float16", "float32") else "float32"

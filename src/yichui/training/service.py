@@ -1,0 +1,245 @@
+"""What the CLI and the API call to fine-tune, merge and evaluate: check, then queue.
+
+Everything that can be checked before a task is queued is checked here, in the caller's
+process: the base model and adapter exist, the output name is free, the dataset parses line by
+line, the hyper-parameters are in range. Only then is the dataset snapshotted, the run folder
+made and the task queued; if queuing fails the run folder is removed again::
+
+    svc = TrainingService(runtime)
+    svc.train("smollm2-135m-instruct", "data.jsonl", max_steps=20)["id"]
+    svc.evaluate("smollm2-135m-instruct@my-adapter", "qa.jsonl")   # cached or queued
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from yichui.errors import StateError, TrainingError
+from yichui.models.names import validate_name
+from yichui.models.status import read_manifest
+from yichui.models.targets import ADAPTER_KIND, resolve_target
+from yichui.training.dataset import DatasetInfo, inspect_dataset, snapshot
+from yichui.training.runs import datasets_root, evals_root, new_run_dir, read_json, write_json
+
+if TYPE_CHECKING:
+    from yichui.runtime import Runtime
+    from yichui.state.eval_store import EvalResultStore
+
+EVAL_KEY_VERSION = 1
+_PLACEHOLDER_SHA = "0" * 64
+
+
+@dataclass
+class EvalSubmission:
+    """An evaluation asked for: answered from the cache (``report``) or queued (``task``)."""
+
+    key: str
+    cached: bool
+    report: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None
+    source: str | None = None
+    """Where a cached report came from: ``redis`` or ``disk``."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "cached": self.cached}
+        if self.cached:
+            out["source"] = self.source
+            out["report"] = self.report
+        else:
+            out["id"] = self.task["id"] if self.task else None
+            out["task"] = self.task
+        return out
+
+
+class TrainingService:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+
+    # -- train ------------------------------------------------------------------------------
+    def train(
+        self,
+        model: str,
+        dataset: str | Path,
+        *,
+        output: str | None = None,
+        replace: bool = False,
+        queue: str | None = None,
+        task_id: str | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Check and queue a ``train`` task -> its status, with ``run_dir`` and ``output``."""
+        target = resolve_target(self.rt.registry, model)
+        if target.adapter is not None:
+            raise TrainingError(
+                "train on a base model; continuing an adapter's training is not supported",
+                hint=f"use --model {target.base.name}",
+            )
+        out = validate_name(output) if output else _default_output(model)
+        self._check_free(out, replace)
+        info = inspect_dataset(dataset)
+        task_type = self.rt.tasks.types.get("train")
+        # every other argument is validated before a folder or a snapshot is written
+        probe = {
+            "model": model,
+            "dataset": _dataset_ref(info, str(info.path)),
+            "output": out,
+            "run_dir": "-",
+            "replace": replace,
+            **{k: v for k, v in params.items() if v is not None},
+        }
+        task_type.parse(probe)
+        snap = snapshot(info, datasets_root(self.settings.data_dir))
+        args = {**probe, "dataset": _dataset_ref(info, str(snap))}
+        run_dir = new_run_dir(self.settings.data_dir, out, args)
+        args["run_dir"] = str(run_dir)
+        write_json(run_dir / "args.json", args)
+        try:
+            status = self.rt.tasks.submit("train", args, task_id=task_id, queue=queue)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        status["run_dir"] = str(run_dir)
+        status["output"] = out
+        return status
+
+    # -- merge ------------------------------------------------------------------------------
+    def merge(
+        self,
+        adapter: str,
+        *,
+        base: str | None = None,
+        output: str | None = None,
+        replace: bool = False,
+        dtype: str = "auto",
+        queue: str | None = None,
+    ) -> dict[str, Any]:
+        """Check and queue a ``merge`` task -> its status, with ``output``."""
+        a = self.rt.registry.status(validate_name(adapter)).status
+        if not a.exists:
+            from yichui.errors import ModelNotFoundError
+
+            raise ModelNotFoundError(adapter)
+        if a.kind != ADAPTER_KIND:
+            raise TrainingError(f"{adapter!r} is not a LoRA adapter (kind {a.kind})")
+        base = base or read_manifest(Path(a.path or "")).get("base")
+        if not base:
+            raise TrainingError(
+                f"adapter {adapter!r} does not say which base it was trained on",
+                hint="name it with --base",
+            )
+        resolve_target(self.rt.registry, f"{base}@{adapter}")
+        out = validate_name(output) if output else f"{adapter}-merged"
+        self._check_free(out, replace)
+        args = {"adapter": adapter, "base": base, "output": out, "replace": replace, "dtype": dtype}
+        status = self.rt.tasks.submit("merge", args, queue=queue)
+        status["output"] = out
+        return status
+
+    # -- evaluate ---------------------------------------------------------------------------
+    def evaluate(
+        self,
+        model: str,
+        dataset: str | Path,
+        *,
+        queue: str | None = None,
+        refresh: bool = False,
+        **params: Any,
+    ) -> EvalSubmission:
+        """The report from the cache when this evaluation ran before; else queue it."""
+        target = resolve_target(self.rt.registry, model)
+        info = inspect_dataset(dataset)
+        task_type = self.rt.tasks.types.get("evaluate")
+        probe = {
+            "model": model,
+            "dataset": _dataset_ref(info, str(info.path)),
+            "key": _PLACEHOLDER_SHA,
+            **{k: v for k, v in params.items() if v is not None},
+        }
+        parsed = task_type.parse(probe)
+        key = eval_key(target.fingerprint, info.sha256, parsed.model_dump(mode="json"))
+        if not refresh:
+            found = self.cached_report(key)
+            if found is not None:
+                report, source = found
+                return EvalSubmission(key, True, report=report, source=source)
+        snap = snapshot(info, datasets_root(self.settings.data_dir))
+        args = {**probe, "dataset": _dataset_ref(info, str(snap)), "key": key}
+        task = self.rt.tasks.submit("evaluate", args, queue=queue)
+        return EvalSubmission(key, False, task=task)
+
+    def eval_store(self) -> EvalResultStore | None:
+        from yichui.state.eval_store import EvalResultStore
+
+        client = self.rt.try_redis()
+        if client is None:
+            return None
+        s = self.settings
+        return EvalResultStore(client, self.rt.keys, ttl=s.eval_result_ttl, jitter=s.ttl_jitter)
+
+    def cached_report(self, key: str) -> tuple[dict[str, Any], str] | None:
+        """(report, ``redis`` or ``disk``) of an evaluation that ran before, or None."""
+        store = self.eval_store()
+        if store is not None:
+            try:
+                report = store.get(key)
+            except StateError:
+                report = None
+            if report is not None:
+                return report, "redis"
+        report = read_json(evals_root(self.settings.data_dir) / f"{key}.json")
+        if not isinstance(report, dict):
+            return None
+        if store is not None:
+            with contextlib.suppress(StateError):  # warm the cache again for the next asker
+                store.put(key, report)
+        return report, "disk"
+
+    def store_report(self, key: str, report: dict[str, Any]) -> None:
+        """The file first (the truth), then the cache entry."""
+        folder = evals_root(self.settings.data_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / f"{key}.json", report)
+        store = self.eval_store()
+        if store is not None:
+            with contextlib.suppress(StateError):
+                store.put(key, report)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _check_free(self, name: str, replace: bool) -> None:
+        if replace:
+            return
+        if self.rt.registry.status(name).status.exists:
+            raise TrainingError(
+                f"a model named {name!r} exists already",
+                hint="choose another --output, or pass --replace to replace it",
+            )
+
+
+def eval_key(fingerprint: str, dataset_sha256: str, args: dict[str, Any]) -> str:
+    """The cache key of an evaluation: what decides its result, canonical, versioned."""
+    params = {k: v for k, v in sorted(args.items()) if k not in ("model", "dataset", "key")}
+    doc = {
+        "v": EVAL_KEY_VERSION,
+        "fingerprint": fingerprint,
+        "dataset": dataset_sha256,
+        "params": params,
+    }
+    return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _dataset_ref(info: DatasetInfo, path: str) -> dict[str, Any]:
+    return {"path": path, "sha256": info.sha256, "records": info.records, "origin": str(info.path)}
+
+
+def _default_output(model: str) -> str:
+    return f"{model.split('/')[-1][:72]}-lora-{time.strftime('%Y%m%d-%H%M%S')}"
