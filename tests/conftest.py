@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = [
     "tests.hub_fixtures",
     "tests.task_fixtures",
+    "tests.training_fixtures",
 ]  # fake hub and SDK isolation fixtures
 
 

@@ -33,6 +33,7 @@ from yichui.inference.engines.local import (
 )
 from yichui.inference.pool import ModelPool, estimate_bytes
 from yichui.models.registry import ModelRegistry
+from yichui.models.targets import Target
 
 A = "tiny/llama"
 B = "tiny/llama-b"
@@ -282,7 +283,7 @@ async def test_stream_closed_early_frees_the_model(engine: LocalEngine, pool: Mo
 
 def test_card(models: ModelRegistry) -> None:
     status = models.status(A).status
-    card = LocalEngine.card(status)
+    card = LocalEngine.card(Target(A, status))
     assert card.id == A and card.owned_by == "yichui"
     assert card.fingerprint == status.fingerprint and card.fingerprint
     assert card.created == int(status.modified or 0) > 0

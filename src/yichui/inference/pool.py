@@ -107,10 +107,12 @@ class ModelPool:
 
     # -- public -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def use(self, name: str, path: Path, fingerprint: str) -> AsyncIterator[LoadedModel]:
-        """The loaded model ``name`` (loaded from ``path`` first if needed), kept from
-        eviction until the block exits."""
-        entry = await self._acquire(name, Path(path), fingerprint)
+    async def use(
+        self, name: str, path: Path, fingerprint: str, *, adapter: Path | None = None
+    ) -> AsyncIterator[LoadedModel]:
+        """The loaded model ``name`` (loaded from ``path`` first if needed, with the LoRA
+        ``adapter`` merged into it when given), kept from eviction until the block exits."""
+        entry = await self._acquire(name, Path(path), fingerprint, adapter)
         try:
             yield entry
         finally:
@@ -156,7 +158,9 @@ class ModelPool:
         self._collect()
 
     # -- acquiring and releasing ----------------------------------------------------------------
-    async def _acquire(self, name: str, path: Path, fingerprint: str) -> LoadedModel:
+    async def _acquire(
+        self, name: str, path: Path, fingerprint: str, adapter: Path | None
+    ) -> LoadedModel:
         while True:
             entry = self._models.get(name)
             if entry is not None and entry.fingerprint == fingerprint:
@@ -164,7 +168,7 @@ class ModelPool:
                 return self._checkout(entry)
             pending = self._loading.get(name)
             if pending is None:
-                pending = asyncio.ensure_future(self._load(name, path, fingerprint))
+                pending = asyncio.ensure_future(self._load(name, path, fingerprint, adapter))
                 self._loading[name] = pending
                 pending.add_done_callback(functools.partial(self._load_done, name))
             # shield: a waiter that is cancelled must not cancel the load the others await
@@ -197,7 +201,9 @@ class ModelPool:
             self._make_room(0, keep=entry)
 
     # -- loading and evicting -------------------------------------------------------------------
-    async def _load(self, name: str, path: Path, fingerprint: str) -> LoadedModel:
+    async def _load(
+        self, name: str, path: Path, fingerprint: str, adapter: Path | None = None
+    ) -> LoadedModel:
         async with self._load_lock:
             old = self._models.get(name)
             if old is not None:
@@ -221,7 +227,7 @@ class ModelPool:
                 )
             started = time.monotonic()
             model, tokenizer, nbytes = await asyncio.to_thread(
-                _load_sync, name, path, device, dtype
+                _load_sync, name, path, device, dtype, adapter
             )
             entry = LoadedModel(
                 name=name,
@@ -340,15 +346,19 @@ def _safetensors_header(file: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _load_sync(name: str, path: Path, device: str, dtype: str) -> tuple[Any, Any, int]:
-    """Load tokenizer and model (in a worker thread); return them and the weights' bytes."""
+def _load_sync(
+    name: str, path: Path, device: str, dtype: str, adapter: Path | None = None
+) -> tuple[Any, Any, int]:
+    """Load tokenizer and model (in a worker thread), with a LoRA adapter merged in; return
+    them and the weights' bytes. The adapter's tokenizer (its chat template) wins."""
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise MissingExtraError("ml", "local inference") from exc
     try:
-        tokenizer: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok_path = adapter if adapter and (adapter / "tokenizer_config.json").exists() else path
+        tokenizer: Any = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
         model: Any = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=getattr(torch, dtype),
@@ -356,6 +366,11 @@ def _load_sync(name: str, path: Path, device: str, dtype: str) -> tuple[Any, Any
             device_map=device if device.startswith("cuda") else None,
             local_files_only=True,
         )
+        if adapter is not None:
+            from peft import PeftModel
+
+            # merged once at load: as fast per token as the base alone
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as exc:
         # transformers raises all sorts for a broken or incomplete folder (OSError, ValueError,
         # KeyError, the tokenizers library's bare Exception), torch a RuntimeError when out of

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from yichui.config import Settings
-from yichui.errors import ModelNotFoundError
+from yichui.errors import ModelNotFoundError, YichuiError
 from yichui.inference.engine import Engine, ModelCard
-from yichui.models.names import validate_name
+from yichui.models.status import read_manifest
+from yichui.models.targets import ADAPTER_KIND, resolve_target
 
 if TYPE_CHECKING:
     from yichui.inference.engines.local import LocalEngine
@@ -64,14 +66,14 @@ class ModelRouter:
         if self.local is None:
             raise ModelNotFoundError(model)
         try:
-            validate_name(model)
-        except ValueError:
+            target = await asyncio.to_thread(resolve_target, self.registry, model)
+        except ModelNotFoundError:
+            raise
+        except (ValueError, YichuiError):  # a malformed name, or an adapter served alone
             raise ModelNotFoundError(model) from None
-        lookup = await asyncio.to_thread(self.registry.status, model)
-        status = lookup.status
-        if not status.exists or status.kind not in SERVABLE_KINDS:
+        if target.kind not in SERVABLE_KINDS:
             raise ModelNotFoundError(model)
-        return Route(self.local, self.local.card(status), self.local.honours_seed)
+        return Route(self.local, self.local.card(target), self.local.honours_seed)
 
     def forget(self, model: str | None = None) -> None:
         """Drop resolved cards (all, or one model's) after a pull, import, merge or delete."""
@@ -86,11 +88,20 @@ class ModelRouter:
         if self.local is not None:
             listing = await asyncio.to_thread(self.registry.listing)
             for row in listing.models:
-                if row.get("exists", True) and row.get("kind") in SERVABLE_KINDS:
-                    try:
-                        out.append((await self.resolve(str(row["name"]))).card)
-                    except ModelNotFoundError:
+                if not row.get("exists", True):
+                    continue
+                name = str(row["name"])
+                if row.get("kind") == ADAPTER_KIND:  # served on its base: base@adapter
+                    base = read_manifest(Path(str(row.get("path") or ""))).get("base")
+                    if not base:
                         continue
+                    name = f"{base}@{name}"
+                elif row.get("kind") not in SERVABLE_KINDS:
+                    continue
+                try:
+                    out.append((await self.resolve(name)).card)
+                except ModelNotFoundError:
+                    continue
         if self.upstream is not None:
             out.extend(self.upstream.card(m) for m in self.upstream.models())
         return sorted(out, key=lambda c: c.id)

@@ -115,10 +115,21 @@ class TaskContext:
 
     # -- progress API ---------------------------------------------------------------------------
     def report(
-        self, step: int, total: int | None = None, *, unit: str = "step", **metrics: float
+        self,
+        step: int,
+        total: int | None = None,
+        *,
+        unit: str = "step",
+        stopping: bool = False,
+        **metrics: float,
     ) -> None:
-        """Record progress; written at most every ``progress_interval`` (and at the last step)."""
-        self.check()
+        """Record progress; written at most every ``progress_interval`` (and at the last step).
+
+        ``stopping=True`` records the progress of a run that is winding down after an interrupt
+        (a checkpoint saved at a cancel): it neither raises nor writes; the finishing script
+        stores it with the final state."""
+        if not stopping:
+            self.check()
         now = self._clock()
         if self._eta_origin is None or step < self._eta_origin[1]:
             self._eta_origin = (now, step)
@@ -141,6 +152,8 @@ class TaskContext:
         }
         with self._lock:
             self._progress = progress
+        if stopping:
+            return
         if (total is not None and step >= total) or now - self._last_flush >= self.interval:
             self.flush()
 

@@ -58,10 +58,12 @@ def train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     from yichui.training.progress import TaskProgress
 
     progress = TaskProgress(ctx, run_dir)
-    trainer, tokenizer = build_trainer(args, Path(base.path or ""), args.model, device, [progress])
-    ctx.log(f"{len(trainer.train_dataset)} examples, batch {args.batch_size}×{args.grad_accum}")
     started = time.monotonic()
     try:
+        trainer, tokenizer = build_trainer(
+            args, Path(base.path or ""), args.model, device, [progress]
+        )
+        ctx.log(f"{len(trainer.train_dataset)} examples, batch {args.batch_size}×{args.grad_accum}")
         result = run_training(trainer, resume)
     finally:
         progress.close()

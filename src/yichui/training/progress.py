@@ -27,9 +27,8 @@ class TaskProgress(TrainerCallback):
     def __init__(self, ctx: TaskContext | None, run_dir: Path | None = None) -> None:
         self.ctx = ctx
         self.stopped: type[TaskInterrupt] | None = None
-        self._log: TextIO | None = None
-        if run_dir is not None:
-            self._log = open(run_dir / "logging.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._path = run_dir / "logging.jsonl" if run_dir is not None else None
+        self._log: TextIO | None = None  # opened at the first logged step
         self._mark: tuple[float, int] | None = None
         self._last_line = 0.0
         self.last: dict[str, Any] = {}
@@ -73,13 +72,18 @@ class TaskProgress(TrainerCallback):
         if tps is not None:
             metrics["tokens_per_s"] = round(tps, 1)
         self.last = {"step": state.global_step, **metrics}
-        if self._log is not None:
+        if self._path is not None:
+            if self._log is None:
+                self._log = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
             row = {"step": state.global_step, "total": state.max_steps, "ts": time.time()}
             self._log.write(json.dumps({**row, **metrics}) + "\n")
             self._log.flush()
-        if self.ctx is None or self.stopped is not None:
+        if self.ctx is None:
             return
         step, total = int(state.global_step), int(state.max_steps)
+        if self.stopped is not None:  # the step the checkpoint is saved at, stored at the end
+            self.ctx.report(step, total, unit="step", stopping=True, **metrics)
+            return
         try:
             self.ctx.report(step, total, unit="step", **metrics)
             if step in (1, total) or now - self._last_line >= LINE_EVERY:

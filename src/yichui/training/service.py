@@ -102,7 +102,8 @@ class TrainingService:
         args = {**probe, "dataset": _dataset_ref(info, str(snap))}
         run_dir = new_run_dir(self.settings.data_dir, out, args)
         args["run_dir"] = str(run_dir)
-        write_json(run_dir / "args.json", args)
+        # every argument, defaults included: what the run was asked to do
+        write_json(run_dir / "args.json", task_type.parse(args).model_dump(mode="json"))
         try:
             status = self.rt.tasks.submit("train", args, task_id=task_id, queue=queue)
         except BaseException:

@@ -45,6 +45,7 @@ from yichui.errors import (
     ImagesNotAcceptedError,
     MissingExtraError,
     ModelNotFoundError,
+    YichuiError,
 )
 from yichui.inference.engine import (
     Choice,
@@ -57,7 +58,7 @@ from yichui.inference.engine import (
 )
 from yichui.inference.pool import LoadedModel, ModelPool
 from yichui.models.registry import ModelRegistry
-from yichui.models.status import ModelStatus
+from yichui.models.targets import Target, resolve_target
 
 Finish = Literal["stop", "length"]
 
@@ -77,15 +78,22 @@ class LocalEngine:
         self.pool = pool
 
     @staticmethod
-    def card(status: ModelStatus) -> ModelCard:
-        """The card of a registry model; its fingerprint changes whenever its files do."""
+    def card(target: Target) -> ModelCard:
+        """The card of a registry model (or ``base@adapter``); its fingerprint changes whenever
+        its files (or the adapter's) do."""
+        base, adapter = target.base, target.adapter
+        meta: dict[str, object] = {"engine": "local", "kind": base.kind, "size": base.size}
+        modified = base.modified or 0
+        if adapter is not None:
+            meta.update(base=base.name, adapter=adapter.name)
+            modified = max(modified, adapter.modified or 0)
         return ModelCard(
-            id=status.name,
+            id=target.name,
             owned_by="yichui",
-            fingerprint=status.fingerprint or "",
-            created=int(status.modified or 0),
+            fingerprint=target.fingerprint,
+            created=int(modified),
             accepts_images=False,
-            meta={"engine": "local", "kind": status.kind, "size": status.size},
+            meta=meta,
         )
 
     async def complete(self, request: EngineRequest) -> EngineResult:
@@ -110,15 +118,16 @@ class LocalEngine:
         choice's ``finish_reason``, then one with ``usage``. Close it (``aclose()``) to stop
         the generation early."""
         _check(request)
-        status = await self._status(request.model)
-        assert status.path is not None  # _status checked
+        target = await self._target(request.model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineChunk | None] = asyncio.Queue()
 
         def emit(item: EngineChunk | None) -> None:  # from the generation thread
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        async with self.pool.use(request.model, Path(status.path), status.fingerprint or "") as m:
+        adapter = Path(target.adapter.path or "") if target.adapter else None
+        base = Path(target.base.path or "")
+        async with self.pool.use(request.model, base, target.fingerprint, adapter=adapter) as m:
             job = _Generation(m, request, emit)
 
             async def work() -> None:
@@ -148,12 +157,13 @@ class LocalEngine:
         """Let the pool's models go (those still in use go when their requests end)."""
         await self.pool.close()
 
-    async def _status(self, name: str) -> ModelStatus:
-        lookup = await asyncio.to_thread(self.registry.status, name)
-        status = lookup.status
-        if not status.exists or not status.path:
-            raise ModelNotFoundError(name)
-        return status
+    async def _target(self, name: str) -> Target:
+        try:
+            return await asyncio.to_thread(resolve_target, self.registry, name)
+        except (ValueError, YichuiError) as exc:
+            if isinstance(exc, ModelNotFoundError):
+                raise
+            raise ModelNotFoundError(name) from None
 
 
 def _check(request: EngineRequest) -> None:

@@ -1,0 +1,43 @@
+"""Helpers of the training tests: a tiny model in the test's models root, datasets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tiny_model import build_tiny_model
+from yichui.runtime import Runtime
+from yichui.training.service import TrainingService
+
+BASE = "tiny"
+
+
+def qa_records(n: int = 16) -> list[dict[str, Any]]:
+    return [{"question": f"What is {i} plus one?", "answer": str(i + 1)} for i in range(n)]
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def trt(make_rt: Callable[..., Runtime]) -> Runtime:
+    """A runtime with fast leases and the tiny model ``tiny`` in its models root."""
+    rt = make_rt()
+    build_tiny_model(rt.settings.models_path / BASE)
+    return rt
+
+
+@pytest.fixture
+def training(trt: Runtime) -> TrainingService:
+    return TrainingService(trt)
+
+
+@pytest.fixture
+def qa_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "qa.jsonl", qa_records())
