@@ -115,21 +115,23 @@ class TaskContext:
 
     # -- progress API ---------------------------------------------------------------------------
     def report(
-        self,
-        step: int,
-        total: int | None = None,
-        *,
-        unit: str = "step",
-        stopping: bool = False,
-        **metrics: float,
+        self, step: int, total: int | None = None, *, unit: str = "step", **metrics: float
     ) -> None:
-        """Record progress; written at most every ``progress_interval`` (and at the last step).
+        """Record progress; written at most every ``progress_interval`` (and at the last step)."""
+        self.check()
+        now = self._record(step, total, unit, metrics)
+        if (total is not None and step >= total) or now - self._last_flush >= self.interval:
+            self.flush()
 
-        ``stopping=True`` records the progress of a run that is winding down after an interrupt
-        (a checkpoint saved at a cancel): it neither raises nor writes; the finishing script
-        stores it with the final state."""
-        if not stopping:
-            self.check()
+    def report_final(
+        self, step: int, total: int | None = None, *, unit: str = "step", **metrics: float
+    ) -> None:
+        """Record the progress of a run winding down after an interrupt (the step a checkpoint
+        was saved at when cancelled): it neither raises nor writes; the finishing script stores
+        it with the final state."""
+        self._record(step, total, unit, metrics)
+
+    def _record(self, step: int, total: int | None, unit: str, metrics: dict[str, float]) -> float:
         now = self._clock()
         if self._eta_origin is None or step < self._eta_origin[1]:
             self._eta_origin = (now, step)
@@ -152,10 +154,7 @@ class TaskContext:
         }
         with self._lock:
             self._progress = progress
-        if stopping:
-            return
-        if (total is not None and step >= total) or now - self._last_flush >= self.interval:
-            self.flush()
+        return now
 
     def log(self, line: str, *, level: str = "info") -> None:
         """Append a line to the task's log (buffered like progress)."""

@@ -82,7 +82,7 @@ class TaskProgress(TrainerCallback):
             return
         step, total = int(state.global_step), int(state.max_steps)
         if self.stopped is not None:  # the step the checkpoint is saved at, stored at the end
-            self.ctx.report(step, total, unit="step", stopping=True, **metrics)
+            self.ctx.report_final(step, total, unit="step", **metrics)
             return
         try:
             self.ctx.report(step, total, unit="step", **metrics)
