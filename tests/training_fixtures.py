@@ -41,3 +41,13 @@ def training(trt: Runtime) -> TrainingService:
 @pytest.fixture
 def qa_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "qa.jsonl", qa_records())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled SmolLM2-135M-Instruct, converted from its GGUF once per test session."""
+    from yichui.models.importer import bundled_gguf, convert_gguf
+
+    folder = tmp_path_factory.mktemp("smollm2")
+    convert_gguf(bundled_gguf(), folder)
+    return folder

@@ -30,7 +30,7 @@ from typing import Any
 
 from yichui.errors import TaskFailedError, TrainingError
 from yichui.models.targets import resolve_target
-from yichui.tasks.context import LeaseLost, TaskContext
+from yichui.tasks.context import HandedBack, LeaseLost, TaskCancelled, TaskContext
 from yichui.training.args import TrainArgs
 from yichui.training.dataset import read_examples
 from yichui.training.runs import checkpoint_step, latest_checkpoint, read_json, write_json
@@ -211,10 +211,15 @@ def _read_progress(ctx: TaskContext, path: Path, offset: int, parse: Parser, *, 
         except ValueError:
             continue
         parsed = parse(row) if isinstance(row, dict) else None
-        if parsed is not None and not quiet:
-            step, total, metrics = parsed
-            with contextlib.suppress(Exception):
-                ctx.report(step, total, unit="step", **metrics)
+        if parsed is None:
+            continue
+        step, total, metrics = parsed
+        if quiet:  # winding down after a cancel: the step the checkpoint is saved at
+            ctx.report_final(step, total, unit="step", **metrics)
+            continue
+        # a cancel or hand-back noticed here is acted on by the caller's loop (ctx.stopping)
+        with contextlib.suppress(TaskCancelled, HandedBack):
+            ctx.report(step, total, unit="step", **metrics)
     return offset + end
 
 
@@ -232,7 +237,8 @@ def _read_output(
         if line:
             tail.append(line[:500])
             if not quiet:
-                ctx.log(line[:500])
+                with contextlib.suppress(TaskCancelled, HandedBack):  # see _read_progress
+                    ctx.log(line[:500])
     return offset + end
 
 
