@@ -120,11 +120,12 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     # our own CLI shows progress; keep stderr readable
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     folder, filename = str(gguf.parent), gguf.name
-    tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    # the GGUF loader uses a bare tqdm bar; TQDM_DISABLE is its documented off switch
+    # the GGUF loader uses a bare tqdm bar (tokenizer and model alike); TQDM_DISABLE is its
+    # documented off switch
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
     finally:
         if previous is None:

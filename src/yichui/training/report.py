@@ -45,7 +45,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"exact match {100 * report['exact_match']:.1f}%")
         lines.append(f"contains    {100 * report['contains']:.1f}%")
     if report.get("seconds") is not None:
-        lines.append(f"took        {report['seconds']:.1f} s")
+        lines.append(f"computed in {report['seconds']:.1f} s")
     samples = report.get("samples") or []
     if samples:
         lines.append("samples:")
