@@ -112,6 +112,15 @@ def list_(
     console.print("  ".join(f"{s}: {n}" for s, n in counts.items() if n), highlight=False)
 
 
+def _pairs(values: dict[str, Any], width: int = 72) -> str:
+    """``key=value`` pairs, long values cut (``tasks show --json`` has them whole)."""
+    out = []
+    for k, v in values.items():
+        text = v if isinstance(v, str) else orjson.dumps(v).decode()
+        out.append(f"{k}={text if len(text) <= width else text[: width - 1] + '…'}")
+    return " ".join(out)
+
+
 def _show_text(t: dict[str, Any]) -> None:
     st = t["state"]
     console.print(f"[bold]{t['id']}[/bold]  {t.get('type')}  [{_STATE_STYLE.get(st, '')}]{st}[/]")
@@ -123,7 +132,7 @@ def _show_text(t: dict[str, Any]) -> None:
         rows.append(("metrics", _metrics_text(t["progress"])))
     if t["progress"].get("eta") is not None and st == "running":
         rows.append(("eta", _duration(t["progress"]["eta"])))
-    rows.append(("args", orjson.dumps(t.get("args", {})).decode()))
+    rows.append(("args", _pairs(t.get("args") or {})))
     for key in ("created", "started", "finished"):
         if t.get(key):
             rows.append((key, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t[key]))))
@@ -139,7 +148,8 @@ def _show_text(t: dict[str, Any]) -> None:
         if t.get(key):
             rows.append((key.replace("_", " "), f"{t[key]['type']}: {t[key]['message']}"))
     if t.get("result"):
-        rows.append(("result", orjson.dumps(t["result"]).decode()))
+        result = t["result"]
+        rows.append(("result", _pairs(result) if isinstance(result, dict) else str(result)))
     for k, v in rows:
         console.print(f"  {k:<10} {v}", highlight=False)
 
