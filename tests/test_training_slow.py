@@ -100,10 +100,26 @@ def test_torchrun_two_processes_cancel_and_resume(make_rt: object, tmp_path: Pat
         wait_state(rt.tasks, t["id"], "succeeded", timeout=300)
     result = rt.tasks.get(t["id"])["result"]
     assert result["resumed_from"] == stopped and result["steps"] == 400
-    assert result["processes"] == 2
+    assert result["processes"] == 2 and result["world_size"] == 2
     lines = [e.data.get("line", "") for e in rt.tasks.tail(t["id"], 5000) if e.kind == "log"]
     assert sum("torchrun with 2 process(es)" in line for line in lines) == 2
     assert any("resuming from checkpoint-" in line for line in lines)
+
+
+def test_accelerate_two_processes(make_rt: object, tmp_path: Path) -> None:
+    assert callable(make_rt)
+    rt: Runtime = make_rt(train_launcher="accelerate")
+    build_tiny_model(rt.settings.models_path / "tiny")
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_records(8))
+    t = TrainingService(rt).train(
+        "tiny", data, output="tiny-acc", max_steps=4, batch_size=2, nproc_per_node=2
+    )
+    assert run_burst(rt)["succeeded"] == 1
+    status = rt.tasks.get(t["id"])
+    result = status["result"]
+    assert result["steps"] == 4 and result["world_size"] == 2  # as rank 0 saw it
+    assert status["progress"]["step"] == 4 and status["progress"]["metrics"]["loss"] > 0
+    assert rt.registry.status("tiny-acc").status.kind == "adapter"
 
 
 def _cli(settings: Settings, *args: str) -> dict:

@@ -15,6 +15,7 @@ folder must be on storage every node sees.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -68,13 +69,22 @@ def distributed_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         )
     port = s.train_master_port or _free_port()
     addr = s.train_master_addr or "127.0.0.1"
-    cmd = launch_command(
-        s.train_launcher, spec, args.nproc_per_node, args.nnodes, addr, port, node_rank=0
+    from yichui.training.loading import resolve_device
+
+    gpu = resolve_device(s.inference_device).startswith("cuda")
+    launch = functools.partial(
+        launch_command,
+        s.train_launcher,
+        spec,
+        args.nproc_per_node,
+        args.nnodes,
+        addr,
+        port,
+        gpu=gpu,
     )
+    cmd = launch(node_rank=0)
     if args.nnodes > 1:
-        other = launch_command(
-            s.train_launcher, spec, args.nproc_per_node, args.nnodes, addr, port, node_rank=1
-        )
+        other = launch(node_rank=1)
         ctx.log("on every other node run (with its own node rank): " + " ".join(other))
     resume = latest_checkpoint(run_dir)
     ctx.log(
@@ -102,6 +112,7 @@ def distributed_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         "task": ctx.id,
         "dataset": args.dataset.model_dump(),
         "processes": args.nproc_per_node * args.nnodes,
+        "world_size": final.get("world_size"),  # the processes that trained, seen by rank 0
     }
     write_json(run_dir / "result.json", summary)
     status = register_adapter(rt.registry, args, adapter_dir, summary, task_id=ctx.id)
@@ -118,19 +129,24 @@ def launch_command(
     port: int,
     *,
     node_rank: int,
+    gpu: bool = False,
 ) -> list[str]:
     """The command that starts the training processes of one node."""
     if launcher == "accelerate":
-        exe = shutil.which("accelerate") or "accelerate"
-        return [
-            exe,
-            "launch",
+        return [  # this interpreter's accelerate, whatever PATH says
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
             f"--num_processes={nproc * nnodes}",
             f"--num_machines={nnodes}",
             f"--machine_rank={node_rank}",
             f"--main_process_ip={addr}",
             f"--main_process_port={port}",
-            "--multi_gpu" if nproc * nnodes > 1 else "--cpu",
+            # accelerate's --cpu runs one process: several go through its torchrun launcher
+            # (gloo on CPUs), and the Trainer's own arguments decide the precision
+            "--multi_gpu" if gpu or nproc * nnodes > 1 else "--cpu",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
             "-m",
             "yichui.training.launch",
             str(spec),
@@ -163,9 +179,17 @@ def follow_process(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     out_path = run_dir / "launch.log"
     with open(out_path, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=run_dir, start_new_session=True
-        )
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=run_dir,
+                start_new_session=True,
+            )
+        except OSError as exc:  # the launcher is not installed on this worker
+            raise TrainingError(f"cannot start {cmd[0]!r}: {exc.strerror or exc}") from exc
     offset, out_offset = 0, out_path.stat().st_size if out_path.exists() else 0
     tail: deque[str] = deque(maxlen=20)
     stop_asked: float | None = None
@@ -434,6 +458,7 @@ def _child_main(spec_path: str) -> None:
                 "steps": int(trainer.state.global_step),
                 "train_loss": float(result.training_loss),
                 "final": progress.last,
+                "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             },
         )
 
