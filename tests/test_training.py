@@ -4,6 +4,7 @@ real redis-server: progress, checkpoints, cancel and resume, registration, the r
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,31 @@ def test_cancel_keeps_a_checkpoint_and_retry_resumes_it(
         "running",
         "succeeded",
     ]
+
+
+def test_worker_shutdown_saves_a_checkpoint_before_handing_back(
+    training: TrainingService, trt: Runtime, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_records(64))
+    t = training.train(BASE, data, output="tiny-sd", max_steps=60, save_steps=1000, batch_size=2)
+    run_dir = Path(t["run_dir"])
+    worker = trt.worker()
+    runner = threading.Thread(target=lambda: worker.run(install_signals=False))
+    runner.start()
+    _wait_step(trt, t["id"], 3)
+    worker.stop(hand_back=True)  # what SIGTERM does
+    runner.join(60)
+    assert not runner.is_alive()
+    status = trt.tasks.get(t["id"])
+    # the run kept its lease until its checkpoint was saved, then gave the task back
+    assert status["state"] == "queued" and status["attempt"] == 0
+    kept = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert len(kept) == 1
+    stopped_at = int(kept[0].split("-")[1])
+    assert stopped_at >= 3 and worker.stats["handed_back"] == 1
+    assert run_burst(trt)["succeeded"] == 1
+    result = trt.tasks.get(t["id"])["result"]
+    assert result["resumed_from"] == stopped_at and result["steps"] == 60
 
 
 def test_merge_registers_a_model_that_matches_base_at_adapter(

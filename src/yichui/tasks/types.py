@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 Handler = Callable[["TaskContext", Any], Mapping[str, Any] | None]
 
+TRAIN_STOP_GRACE = 300.0
+"""Seconds a training run gets, when its worker stops, to finish its step and save a checkpoint."""
+
 
 class TaskArgs(BaseModel):
     """Base of every argument model: unknown fields are an error, values are immutable."""
@@ -85,6 +88,10 @@ class TaskType:
     description: str = ""
     max_attempts: int | None = None
     """Overrides ``task_max_attempts`` for this type."""
+    stop_grace: float = 0.0
+    """Seconds a run may take to wind down when its worker shuts down (a training run saves a
+    checkpoint at its next step) before the task is handed back; meanwhile it keeps its lease.
+    0: handed back at once."""
 
     def parse(self, args: Mapping[str, Any]) -> Any:
         try:
@@ -154,6 +161,7 @@ def builtin_types() -> TaskTypes:
             TrainArgs,
             "yichui.training.lora:train",
             "LoRA/QLoRA fine-tuning; resumes from its last checkpoint",
+            stop_grace=TRAIN_STOP_GRACE,
         )
     )
     reg.register(

@@ -145,9 +145,10 @@ class Worker:
                     self._stop.set()
         finally:
             self._stop.set()
+            grace = self.grace
             if self._hand_back_on_stop:
-                self.hand_back()
-            deadline = time.monotonic() + self.grace
+                grace = max(grace, self.hand_back())
+            deadline = time.monotonic() + grace
             for t in slots:
                 t.join(max(0.0, deadline - time.monotonic()))
             self._halt.set()
@@ -170,13 +171,21 @@ class Worker:
         log.info("worker %s: %s, handing running tasks back", self.id, signal.Signals(signum).name)
         self.stop(hand_back=True)
 
-    def hand_back(self) -> None:
-        """Return every running task to the queue now (shutdown), and stop their runs."""
+    def hand_back(self) -> float:
+        """Return every running task to the queue now (shutdown), and stop their runs.
+
+        A run of a type with a ``stop_grace`` (training: it saves a checkpoint first) keeps its
+        lease until it has wound down, so that no other worker starts it meanwhile; it is
+        handed back when its handler returns. -> the longest such grace, to wait for."""
         with self._lock:
             self._handing_back = True
             active = list(self._active.values())
+        longest = 0.0
         for ctx in active:
             ctx.stop(HandedBack)
+            if self._graceful(ctx):
+                longest = max(longest, self.types.get(ctx.type).stop_grace)
+                continue
             try:
                 outcome = self.store.release(ctx.id, self.queue, ctx.token)
             except _ERRORS as exc:
@@ -187,6 +196,24 @@ class Worker:
                 ctx.id,
                 {0: "lease already lost", 1: "handed back", 2: "cancelled"}[outcome],
             )
+            self.stats["handed_back"] += 1
+        return longest
+
+    def _graceful(self, ctx: TaskContext) -> bool:
+        known = self.types.types.get(ctx.type)
+        return known is not None and known.stop_grace > 0
+
+    def _release_wound_down(self, ctx: TaskContext) -> None:
+        """Hand back a run that stopped on its own after a shutdown (see :meth:`hand_back`)."""
+        if not self._graceful(ctx):
+            return
+        try:
+            outcome = self.store.release(ctx.id, self.queue, ctx.token)
+        except _ERRORS as exc:
+            log.warning("task %s: could not hand back (%s); its lease will lapse", ctx.id, exc)
+            return
+        if outcome == 1:
+            log.info("task %s: wound down, handed back", ctx.id)
             self.stats["handed_back"] += 1
 
     def _burst_done(self) -> bool:
@@ -282,6 +309,8 @@ class Worker:
             outcome, payload, delay = self._execute(ctx, claim)
             if outcome is not None:
                 self._finish(ctx, outcome, payload, delay)
+            elif ctx.stopping is HandedBack:
+                self._release_wound_down(ctx)
             else:
                 self.stats["abandoned"] += 1
                 if ctx.stopping is LeaseLost:
@@ -301,7 +330,8 @@ class Worker:
             handler = task_type.load()
             ctx.check()
             result = handler(ctx, args)
-            ctx.check()
+            if not (ctx.stopping is HandedBack and self._graceful(ctx)):
+                ctx.check()  # a run that wound down and still finished: its result stands
             try:
                 payload = dict(result or {})
                 dumps(payload)
@@ -348,7 +378,9 @@ class Worker:
         progress = ctx.final_progress()
         delay_r = 0.1
         while True:
-            if ctx.stopping in (LeaseLost, HandedBack):
+            if ctx.stopping is LeaseLost or (
+                ctx.stopping is HandedBack and not self._graceful(ctx)
+            ):
                 self.stats["abandoned"] += 1
                 return
             try:
