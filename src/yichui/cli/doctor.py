@@ -18,7 +18,7 @@ from yichui.models.importer import bundled_gguf
 from yichui.runtime import Runtime
 
 EXTRAS = {
-    "ml": ("torch", "transformers", "safetensors", "gguf"),
+    "ml": ("torch", "transformers", "safetensors", "gguf", "peft", "accelerate"),
     "hub": ("huggingface_hub", "modelscope"),
 }
 

@@ -181,7 +181,7 @@ def build_trainer(
         data_seed=args.seed,
         report_to="none",
         disable_tqdm=True,
-        use_cpu=not cuda,
+        use_cpu=device == "cpu",  # cuda and mps: the Trainer's own device placement
         bf16=cuda and dtype == torch.bfloat16,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
