@@ -53,10 +53,11 @@ $(VENV)/.bench-installed: $(VENV)/.dev-installed
 	$(BIN)/pip install $(PIP_ARGS) --quiet --no-deps $(BENCH_PKGS)
 	touch $@
 
-bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ, response cache
+bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ, response cache, training
 	$(BIN)/python bench/model_status.py
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/training.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info
