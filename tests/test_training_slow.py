@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,21 +185,5 @@ def test_real_model_train_merge_serve_evaluate(
     assert run_burst(rt)["succeeded"] == 1
     report = rt.tasks.get(first.task["id"] if first.task else "")["result"]
     assert report["records"] == 4 and report["contains"] >= 0.5 and report["perplexity"] > 1
-    proc = subprocess.run(
-        [sys.executable, "-m", "yichui.cli.main", "eval", "smollm2-facts-merged", "-d", str(data),
-         "--max-new-tokens", "12"],
-        env={**_env(settings)}, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "(cached (redis))" in proc.stderr, proc.stderr
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("YICHUI_")}
-    env.update(
-        YICHUI_DATA_DIR=str(settings.data_dir),
-        YICHUI_MODELS_ROOT=str(settings.models_path),
-        YICHUI_REDIS_URL=str(settings.redis_url),
-    )
-    return env
+    again = run(settings, "eval", "smollm2-facts-merged", "-d", str(data), "--max-new-tokens", "12")
+    assert again.returncode == 0 and "(cached (redis))" in again.stderr, again.stderr

@@ -185,18 +185,8 @@ class Worker:
             ctx.stop(HandedBack)
             if self._graceful(ctx):
                 longest = max(longest, self.types.get(ctx.type).stop_grace)
-                continue
-            try:
-                outcome = self.store.release(ctx.id, self.queue, ctx.token)
-            except _ERRORS as exc:
-                log.warning("task %s: could not hand back (%s); its lease will lapse", ctx.id, exc)
-                continue
-            log.info(
-                "task %s: %s",
-                ctx.id,
-                {0: "lease already lost", 1: "handed back", 2: "cancelled"}[outcome],
-            )
-            self.stats["handed_back"] += 1
+            else:
+                self._release(ctx, "handed back")
         return longest
 
     def _graceful(self, ctx: TaskContext) -> bool:
@@ -205,15 +195,17 @@ class Worker:
 
     def _release_wound_down(self, ctx: TaskContext) -> None:
         """Hand back a run that stopped on its own after a shutdown (see :meth:`hand_back`)."""
-        if not self._graceful(ctx):
-            return
+        if self._graceful(ctx):
+            self._release(ctx, "wound down, handed back")
+
+    def _release(self, ctx: TaskContext, done: str) -> None:
         try:
             outcome = self.store.release(ctx.id, self.queue, ctx.token)
         except _ERRORS as exc:
             log.warning("task %s: could not hand back (%s); its lease will lapse", ctx.id, exc)
             return
+        log.info("task %s: %s", ctx.id, {0: "lease already lost", 1: done, 2: "cancelled"}[outcome])
         if outcome == 1:
-            log.info("task %s: wound down, handed back", ctx.id)
             self.stats["handed_back"] += 1
 
     def _burst_done(self) -> bool:

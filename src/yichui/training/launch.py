@@ -47,7 +47,7 @@ Parser = Callable[[dict[str, Any]], tuple[int, int, dict[str, float]] | None]
 # -- the worker's side ----------------------------------------------------------------------------
 def distributed_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     """Run ``train`` under torchrun (or accelerate) with ``nproc_per_node`` × ``nnodes``."""
-    from yichui.training.lora import register_adapter
+    from yichui.training.lora import finish_run
 
     rt = ctx.services
     s = rt.settings
@@ -98,26 +98,19 @@ def distributed_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         raise TaskFailedError(f"the training processes wrote no adapter into {adapter_dir}")
     ctx.flush()
     final = read_json(run_dir / "result.json") or {}
-    summary = {
-        "output": args.output,
-        "base": args.model,
-        "base_fingerprint": base.fingerprint,
-        "steps": int(final.get("steps", 0)),
-        "train_loss": float(final.get("train_loss", 0.0)),
-        "final": final.get("final", {}),
-        "seconds": round(time.monotonic() - started, 3),
-        "resumed_from": checkpoint_step(resume) if resume else 0,
-        "attempt": ctx.attempt,
-        "run_dir": str(run_dir),
-        "task": ctx.id,
-        "dataset": args.dataset.model_dump(),
-        "processes": args.nproc_per_node * args.nnodes,
-        "world_size": final.get("world_size"),  # the processes that trained, seen by rank 0
-    }
-    write_json(run_dir / "result.json", summary)
-    status = register_adapter(rt.registry, args, adapter_dir, summary, task_id=ctx.id)
-    ctx.log(f"adapter registered as {args.output}")
-    return {**summary, "path": status.path, "fingerprint": status.fingerprint}
+    return finish_run(
+        ctx,
+        args,
+        base,
+        adapter_dir,
+        started=started,
+        resume=resume,
+        steps=int(final.get("steps", 0)),
+        train_loss=float(final.get("train_loss", 0.0)),
+        final=final.get("final", {}),
+        processes=args.nproc_per_node * args.nnodes,
+        world_size=final.get("world_size"),  # the processes that trained, as rank 0 saw them
+    )
 
 
 def launch_command(
@@ -294,7 +287,7 @@ def parse_trainer_line(row: dict[str, Any]) -> tuple[int, int, dict[str, float]]
 # -- ms-swift -------------------------------------------------------------------------------------
 def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     """Run ms-swift's ``swift sft`` (LoRA) and follow its ``logging.jsonl``."""
-    from yichui.training.lora import register_adapter
+    from yichui.training.lora import finish_run
 
     exe = shutil.which("swift")
     if exe is None:
@@ -310,7 +303,8 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         for ex in read_examples(args.dataset.path):
             fh.write(json.dumps({"messages": list(ex.messages)}, ensure_ascii=False) + "\n")
     out_dir = run_dir / "swift"
-    cmd = swift_command(exe, args, str(base.path), data, out_dir, latest_swift_checkpoint(out_dir))
+    resume = latest_swift_checkpoint(out_dir)
+    cmd = swift_command(exe, args, str(base.path), data, out_dir, resume)
     ctx.log(f"attempt {ctx.attempt}: " + " ".join(cmd))
     started = time.monotonic()
     follow_process(ctx, cmd, run_dir, lambda: _newest(out_dir, "logging.jsonl"), parse_swift_line)
@@ -324,22 +318,18 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         if f.is_file() and (f.name.startswith("adapter_") or f.name.startswith("tokenizer")):
             shutil.copy2(f, adapter_dir / f.name)
     ctx.flush()
-    summary = {
-        "output": args.output,
-        "base": args.model,
-        "base_fingerprint": base.fingerprint,
-        "steps": checkpoint_step(last),
-        "train_loss": 0.0,
-        "final": {},
-        "seconds": round(time.monotonic() - started, 3),
-        "attempt": ctx.attempt,
-        "run_dir": str(run_dir),
-        "task": ctx.id,
-        "dataset": args.dataset.model_dump(),
-        "backend": "swift",
-    }
-    status = register_adapter(rt.registry, args, adapter_dir, summary, task_id=ctx.id)
-    return {**summary, "path": status.path, "fingerprint": status.fingerprint}
+    return finish_run(
+        ctx,
+        args,
+        base,
+        adapter_dir,
+        started=started,
+        resume=resume,
+        steps=checkpoint_step(last),
+        train_loss=0.0,
+        final={},
+        backend="swift",
+    )
 
 
 def swift_command(

@@ -75,22 +75,50 @@ def train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     trainer.save_model(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
     ctx.flush()  # a run whose lease was lost stops here, before registering anything
+    return finish_run(
+        ctx,
+        args,
+        base,
+        adapter_dir,
+        started=started,
+        resume=resume,
+        steps=int(trainer.state.global_step),
+        train_loss=float(result.training_loss),
+        final=progress.last,
+    )
+
+
+def finish_run(
+    ctx: TaskContext,
+    args: TrainArgs,
+    base: Any,
+    adapter_dir: Path,
+    *,
+    started: float,
+    resume: Path | None,
+    steps: int,
+    train_loss: float,
+    final: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The end of every backend's run: ``result.json``, the adapter registered, the result."""
     summary = {
         "output": args.output,
         "base": args.model,
         "base_fingerprint": base.fingerprint,
-        "steps": int(trainer.state.global_step),
-        "train_loss": float(result.training_loss),
-        "final": progress.last,
+        "steps": steps,
+        "train_loss": train_loss,
+        "final": final,
         "seconds": round(time.monotonic() - started, 3),
         "resumed_from": checkpoint_step(resume) if resume else 0,
         "attempt": ctx.attempt,
-        "run_dir": str(run_dir),
+        "run_dir": args.run_dir,
         "task": ctx.id,
         "dataset": args.dataset.model_dump(),
+        **extra,
     }
-    write_json(run_dir / "result.json", summary)
-    status = register_adapter(rt.registry, args, adapter_dir, summary, task_id=ctx.id)
+    write_json(Path(args.run_dir) / "result.json", summary)
+    status = register_adapter(ctx.services.registry, args, adapter_dir, summary, task_id=ctx.id)
     ctx.log(f"adapter registered as {args.output} ({status.size} bytes)")
     return {**summary, "path": status.path, "fingerprint": status.fingerprint}
 
