@@ -321,6 +321,45 @@ def test_qlora_without_a_gpu_fails_at_once_with_the_reason(
     assert "QLoRA needs" in status["error"]["message"]
 
 
+@pytest.mark.parametrize("fault", ["memory", "disk"])
+def test_out_of_memory_or_disk_fails_with_the_reason_and_keeps_the_checkpoint(
+    training: TrainingService,
+    trt: Runtime,
+    qa_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+) -> None:
+    """Fault injection: the Trainer's step (memory) or its checkpoint write (disk) fails at
+    step 3, after checkpoint-2 was saved."""
+    import errno
+
+    import torch
+    from transformers import Trainer
+
+    def failing(original: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.state.global_step >= 3:
+                if fault == "memory":
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    name = "training_step" if fault == "memory" else "_save_checkpoint"
+    monkeypatch.setattr(Trainer, name, failing(getattr(Trainer, name)))
+    t = training.train(BASE, qa_file, output="tiny-oom", max_steps=8, save_steps=2, batch_size=2)
+    run_burst(trt)
+    status = trt.tasks.get(t["id"])
+    assert status["state"] == "failed" and status["attempt"] == 1  # not retried
+    reason = "out of memory at step 3" if fault == "memory" else "no space left on the device"
+    assert reason in status["error"]["message"]
+    assert "the last checkpoint is kept" in status["error"]["message"]
+    kept = [p.name for p in (Path(t["run_dir"]) / "checkpoints").iterdir()]
+    assert "checkpoint-2" in kept
+    assert not trt.registry.status("tiny-oom").status.exists
+
+
 def test_swift_backend_missing_is_a_clear_failure(
     training: TrainingService, trt: Runtime, qa_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
