@@ -360,6 +360,20 @@ def test_out_of_memory_or_disk_fails_with_the_reason_and_keeps_the_checkpoint(
     assert not trt.registry.status("tiny-oom").status.exists
 
 
+def test_a_changed_dataset_snapshot_is_refused(
+    training: TrainingService, trt: Runtime, qa_file: Path
+) -> None:
+    t = training.train(BASE, qa_file, max_steps=2)
+    e = training.evaluate(BASE, qa_file, generate=False)
+    snapshot = Path(t["args"]["dataset"]["path"])
+    assert e.task is not None and Path(e.task["args"]["dataset"]["path"]) == snapshot
+    write_jsonl(snapshot, qa_records(3))  # not what was checked and queued
+    run_burst(trt)
+    for task_id in (t["id"], e.task["id"]):
+        status = trt.tasks.get(task_id)
+        assert status["state"] == "failed" and "SHA-256 differs" in status["error"]["message"]
+
+
 def test_swift_backend_missing_is_a_clear_failure(
     training: TrainingService, trt: Runtime, qa_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,12 +55,18 @@ def test_train_prints_the_id_and_json(settings: Settings, tiny: str, tmp_path: P
     task_id = plain.stdout.strip()
     assert "\n" not in task_id and "yichui tasks watch " + task_id in plain.stderr
     as_json = run(
-        settings, "train", "-m", tiny, "-d", str(data), "-o", "tiny-b", "--lr", "1e-3", "--json"
-    )
+        settings, "train", "-m", tiny, "-d", str(data), "-o", "tiny-b", "--lr", "1e-3",
+        "--lr-scheduler", "cosine", "--keep-checkpoints", "3", "--json",
+    )  # fmt: skip
     assert as_json.returncode == 0, as_json.stderr
     obj = json.loads(as_json.stdout)
     assert obj["id"] and obj["state"] == "queued" and obj["output"] == "tiny-b"
-    assert json.loads((Path(obj["run_dir"]) / "args.json").read_text())["learning_rate"] == 1e-3
+    saved = json.loads((Path(obj["run_dir"]) / "args.json").read_text())
+    assert (saved["learning_rate"], saved["lr_scheduler"], saved["keep_checkpoints"]) == (
+        1e-3,
+        "cosine",
+        3,
+    )
     shown = json.loads(run(settings, "tasks", "show", task_id, "--json").stdout)
     assert shown["type"] == "train" and shown["args"]["max_steps"] == 2
 

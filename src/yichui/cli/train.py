@@ -75,6 +75,17 @@ def train(
     qlora: Annotated[
         bool, typer.Option("--qlora", help="4-bit base (CUDA + bitsandbytes).")
     ] = False,
+    lr_scheduler: Annotated[
+        str | None, typer.Option(help="linear, cosine, constant, constant_with_warmup.")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[default: 0]")] = None,
+    keep_checkpoints: Annotated[
+        int | None, typer.Option(help="Newest checkpoints kept. [default: 2]")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Less memory, slower steps.")
+    ] = False,
+    nnodes: Annotated[int | None, typer.Option(help="Nodes (see docs/training.md).")] = None,
     backend: Annotated[str | None, typer.Option(help="peft (default) or swift.")] = None,
     nproc_per_node: Annotated[
         int | None, typer.Option(help="Processes on the node: >1 launches torchrun.")
@@ -109,6 +120,11 @@ def train(
         seed=seed,
         save_steps=save_steps,
         qlora=qlora or None,
+        lr_scheduler=lr_scheduler,
+        weight_decay=weight_decay,
+        keep_checkpoints=keep_checkpoints,
+        gradient_checkpointing=gradient_checkpointing or None,
+        nnodes=nnodes,
         backend=backend,
         nproc_per_node=nproc_per_node,
     )

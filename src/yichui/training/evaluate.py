@@ -33,6 +33,9 @@ SAMPLES = 20
 
 def evaluate(ctx: TaskContext, args: EvalArgs) -> dict[str, Any]:
     require_ml("evaluation")
+    from yichui.training.lora import check_snapshot
+
+    check_snapshot(args.dataset)
     rt = ctx.services
     svc = TrainingService(rt)
     target = resolve_target(rt.registry, args.model)

@@ -20,8 +20,8 @@ from yichui.models.install import install_model
 from yichui.models.status import read_manifest
 from yichui.models.targets import resolve_target
 from yichui.tasks.context import TaskContext
-from yichui.training.args import TrainArgs
-from yichui.training.dataset import read_examples
+from yichui.training.args import DatasetRef, TrainArgs
+from yichui.training.dataset import file_sha256, read_examples
 from yichui.training.loading import (
     check_qlora,
     load_model,
@@ -45,6 +45,7 @@ def train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         from yichui.training.launch import distributed_train
 
         return distributed_train(ctx, args)
+    check_snapshot(args.dataset)
     rt = ctx.services
     base = resolve_target(rt.registry, args.model).base
     device = resolve_device(rt.settings.inference_device)
@@ -121,6 +122,19 @@ def finish_run(
     status = register_adapter(ctx.services.registry, args, adapter_dir, summary, task_id=ctx.id)
     ctx.log(f"adapter registered as {args.output} ({status.size} bytes)")
     return {**summary, "path": status.path, "fingerprint": status.fingerprint}
+
+
+def check_snapshot(dataset: DatasetRef) -> None:
+    """The dataset is the one that was checked when the task was queued (a task submitted by
+    hand with another file, or a snapshot changed since, fails rather than trains on it)."""
+    path = Path(dataset.path)
+    if not path.is_file():
+        raise TaskFailedError(f"the dataset snapshot {path} is gone", retryable=False)
+    if file_sha256(path) != dataset.sha256:
+        raise TaskFailedError(
+            f"the dataset {path} is not the one this task was queued with (SHA-256 differs)",
+            retryable=False,
+        )
 
 
 def run_training(trainer: Any, resume: Path | None) -> Any:
