@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from yichui.errors import StateError, TrainingError
+from yichui.errors import ModelNotFoundError, StateError, TrainingError
 from yichui.models.names import validate_name
 from yichui.models.status import read_manifest
 from yichui.models.targets import ADAPTER_KIND, resolve_target
@@ -127,8 +127,6 @@ class TrainingService:
         """Check and queue a ``merge`` task -> its status, with ``output``."""
         a = self.rt.registry.status(validate_name(adapter)).status
         if not a.exists:
-            from yichui.errors import ModelNotFoundError
-
             raise ModelNotFoundError(adapter)
         if a.kind != ADAPTER_KIND:
             raise TrainingError(f"{adapter!r} is not a LoRA adapter (kind {a.kind})")
