@@ -155,7 +155,9 @@ async def test_unseeded_sampling_and_top_p(engine: LocalEngine) -> None:
     ):
         result = await engine.complete(completion(params))
         assert result.choices[0].text
-        assert result.usage.completion_tokens == 8
+        # sampling may draw EOS early (its row is only shrunk): then the choice says so
+        tokens, finish = result.usage.completion_tokens, result.choices[0].finish_reason
+        assert (tokens, finish) == (8, "length") or (1 <= tokens < 8 and finish == "stop")
 
 
 async def test_max_tokens_ends_with_length(engine: LocalEngine, built: dict[str, Path]) -> None:

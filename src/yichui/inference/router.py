@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from yichui.config import Settings
-from yichui.errors import ModelNotFoundError, YichuiError
+from yichui.errors import InvalidModelNameError, ModelNotFoundError, TrainingError
 from yichui.inference.engine import Engine, ModelCard
 from yichui.models.status import read_manifest
 from yichui.models.targets import ADAPTER_KIND, resolve_target
@@ -67,9 +67,7 @@ class ModelRouter:
             raise ModelNotFoundError(model)
         try:
             target = await asyncio.to_thread(resolve_target, self.registry, model)
-        except ModelNotFoundError:
-            raise
-        except (ValueError, YichuiError):  # a malformed name, or an adapter served alone
+        except (InvalidModelNameError, TrainingError):  # malformed, or an adapter alone
             raise ModelNotFoundError(model) from None
         if target.kind not in SERVABLE_KINDS:
             raise ModelNotFoundError(model)

@@ -43,9 +43,10 @@ from typing import Any, Literal
 from yichui.errors import (
     ChatTemplateError,
     ImagesNotAcceptedError,
+    InvalidModelNameError,
     MissingExtraError,
     ModelNotFoundError,
-    YichuiError,
+    TrainingError,
 )
 from yichui.inference.engine import (
     Choice,
@@ -160,9 +161,7 @@ class LocalEngine:
     async def _target(self, name: str) -> Target:
         try:
             return await asyncio.to_thread(resolve_target, self.registry, name)
-        except (ValueError, YichuiError) as exc:
-            if isinstance(exc, ModelNotFoundError):
-                raise
+        except (InvalidModelNameError, TrainingError):  # malformed, or an adapter alone
             raise ModelNotFoundError(name) from None
 
 
