@@ -1,4 +1,4 @@
-"""What the benchmarks share: a throwaway redis-server on a free port (never 6379)."""
+"""What the benchmarks share: a throwaway redis-server on a free port (never 6379), percentiles."""
 
 from __future__ import annotations
 
@@ -57,3 +57,9 @@ def end_process(proc: subprocess.Popen[Any]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The ``q`` quantile (0-1) of ``samples``, nearest rank."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
