@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,8 +71,9 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(harness: Harness, tmp_
     h.assert_clean()
 
 
-def test_torchrun_two_processes_cancel_and_resume(make_rt: object, tmp_path: Path) -> None:
-    assert callable(make_rt)
+def test_torchrun_two_processes_cancel_and_resume(
+    make_rt: Callable[..., Runtime], tmp_path: Path
+) -> None:
     rt: Runtime = make_rt()
     build_tiny_model(rt.settings.models_path / "tiny")
     svc = TrainingService(rt)
@@ -104,8 +105,7 @@ def test_torchrun_two_processes_cancel_and_resume(make_rt: object, tmp_path: Pat
     assert any("resuming from checkpoint-" in line for line in lines)
 
 
-def test_accelerate_two_processes(make_rt: object, tmp_path: Path) -> None:
-    assert callable(make_rt)
+def test_accelerate_two_processes(make_rt: Callable[..., Runtime], tmp_path: Path) -> None:
     rt: Runtime = make_rt(train_launcher="accelerate")
     build_tiny_model(rt.settings.models_path / "tiny")
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(8))
@@ -127,9 +127,8 @@ def _cli(settings: Settings, *args: str) -> dict:
 
 
 def test_real_model_train_merge_serve_evaluate(
-    settings: Settings, smollm2_dir: Path, tmp_path: Path, make_rt: object
+    settings: Settings, smollm2_dir: Path, tmp_path: Path, make_rt: Callable[..., Runtime]
 ) -> None:
-    assert callable(make_rt)
     rt: Runtime = make_rt()
     import_folder(rt.registry, smollm2_dir, "smollm2")
     facts = [
