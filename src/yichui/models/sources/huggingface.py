@@ -10,52 +10,25 @@ from a Hugging Face cache (``~/.cache/huggingface/hub`` unless ``HF_HUB_CACHE`` 
 (copied where a link is impossible) into the staging folder. This is how a model already in
 someone's HF cache is imported without any network.
 
-The SDK (the optional ``hub`` extra) is imported inside the methods, and every SDK exception
-is translated into a yichui error here.
-
+The steps both hubs share (plan, fetch, the completeness check, the cache fallback) are in
+:mod:`yichui.models.sources.hub`; this module holds the SDK's calls and its error names. The
+SDK (the optional ``hub`` extra) is imported inside the methods.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from yichui.errors import (
-    DownloadError,
-    MissingExtraError,
-    SourceNotFoundError,
-    SourceUnavailableError,
-    YichuiError,
-)
-from yichui.models.sources.base import Plan, ProgressFn, PullSpec, RemoteFile
-from yichui.models.sources.files import (
-    class_names,
-    error_chain,
-    first_line,
-    is_complete,
-    is_unreachable,
-    normalize_patterns,
-    place_files,
-    snapshot_files,
-)
+from yichui.errors import MissingExtraError, SourceUnavailableError, YichuiError
+from yichui.models.sources.base import PullSpec, RemoteFile
+from yichui.models.sources.files import class_names, first_line, is_unreachable, snapshot_files
+from yichui.models.sources.hub import ByteCounter, HubSource, Listing, env_true, sdk_patterns
 
 if TYPE_CHECKING:
     from yichui.config import Settings
 
-log = logging.getLogger(__name__)
-
-_TRUE = frozenset({"1", "ON", "YES", "TRUE"})  # what huggingface_hub accepts as "true"
 _TOKEN_HINT = "check the name; a private or gated repo needs YICHUI_HF_TOKEN"
-
-
-def _require_sdk() -> None:
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtraError("hub", "pulling from Hugging Face") from exc
 
 
 def hub_offline() -> bool:
@@ -68,11 +41,10 @@ def hub_offline() -> bool:
 
     probe = getattr(constants, "is_offline_mode", None)  # huggingface_hub >= 1.0
     sdk = bool(probe()) if callable(probe) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    env = (os.environ.get("HF_HUB_OFFLINE") or "").strip().upper() in _TRUE
-    return sdk or env
+    return sdk or env_true("HF_HUB_OFFLINE")
 
 
-class HuggingFaceSource:
+class HuggingFaceSource(HubSource):
     """Pulls ``org/name`` repositories from the Hugging Face Hub (or a mirror of it).
 
     ``endpoint`` is a mirror such as ``https://hf-mirror.example`` (default: the SDK's,
@@ -83,19 +55,9 @@ class HuggingFaceSource:
     """
 
     name = "huggingface"
-
-    def __init__(
-        self,
-        *,
-        endpoint: str | None = None,
-        token: str | None = None,
-        cache_dir: Path | None = None,
-        download_cache: Path | None = None,
-    ) -> None:
-        self.endpoint = endpoint.rstrip("/") if endpoint else None
-        self.token = token
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.download_cache = Path(download_cache) if download_cache is not None else None
+    title = "Hugging Face"
+    home = "the Hugging Face Hub"
+    offline_reason = "offline (HF_HUB_OFFLINE is set)"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HuggingFaceSource:
@@ -107,72 +69,26 @@ class HuggingFaceSource:
             download_cache=settings.data_dir / "hf-cache",
         )
 
-    # -- the ModelSource interface -------------------------------------------------------
+    def is_offline(self) -> bool:
+        """Whether Hugging Face offline mode is on (see :func:`hub_offline`)."""
+        return hub_offline()
 
-    def plan(self, spec: PullSpec) -> Plan:
-        """Resolve the revision to a commit and list the wanted files; writes nothing.
-
-        Online this costs two API calls (``repo_info``, ``list_repo_tree``); offline, or when
-        the hub is unreachable, the plan describes what the local cache would provide.
-        """
-        _require_sdk()
-        spec = normalize_patterns(spec)
-        if not hub_offline():
-            try:
-                commit, files = self._listing(spec)
-            except SourceUnavailableError as exc:
-                return self._cached_plan(spec, unreachable=exc)
-            return Plan(self.name, spec.repo, commit, self._wanted(spec, files, commit))
-        return self._cached_plan(spec, unreachable=None)
-
-    def fetch(self, spec: PullSpec, dest: Path, progress: ProgressFn | None = None) -> str | None:
-        """Download into ``dest`` (resuming what is there); return the commit hash."""
-        _require_sdk()
-        from huggingface_hub import snapshot_download
-
-        spec = normalize_patterns(spec)
-        if hub_offline():
-            return self._fetch_cached(spec, dest, progress, unreachable=None)
+    def _require_sdk(self) -> None:
         try:
-            commit, files = self._listing(spec)
-        except SourceUnavailableError as exc:
-            return self._fetch_cached(spec, dest, progress, unreachable=exc)
-        wanted = self._wanted(spec, files, commit)
-        total = sum(f.size or 0 for f in wanted)
-        already = sum(f.size or 0 for f in wanted if is_complete(dest / f.path, f.size))
-        try:
-            # A commit hash as revision: the SDK skips its own revision lookup, and every file
-            # comes from the same commit even if the branch moves meanwhile.
-            snapshot_download(
-                spec.repo,
-                revision=commit,
-                local_dir=dest,
-                cache_dir=self.download_cache,
-                allow_patterns=list(spec.include) or None,
-                ignore_patterns=list(spec.exclude) or None,
-                token=self.token,
-                endpoint=self.endpoint,
-                tqdm_class=cast(Any, _progress_bars(progress, already, total)),
-            )
-        except Exception as exc:
-            raise self._translate(exc, spec) from exc
-        # When the file listing fails mid-way the SDK returns a non-empty local_dir as it is
-        # (logging a warning), so completeness is checked here rather than assumed.
-        missing = [f.path for f in wanted if not is_complete(dest / f.path, f.size)]
-        if missing:
-            raise SourceUnavailableError(
-                f"the pull of {spec.repo!r} stopped with {len(missing)} file(s) missing "
-                f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})",
-                name=spec.repo,
-                source=self.name,
-                hint="run the pull again: it resumes where it stopped",
-            )
-        return commit
+            import huggingface_hub  # noqa: F401
+        except ImportError as exc:
+            raise MissingExtraError("hub", "pulling from Hugging Face") from exc
+
+    def _revision_label(self, revision: str) -> str:
+        return f"at {revision[:12]}"
 
     # -- online --------------------------------------------------------------------------
 
-    def _listing(self, spec: PullSpec) -> tuple[str, list[RemoteFile]]:
-        """The commit ``spec.revision`` points at, and every file of the repo at that commit."""
+    def _listing(self, spec: PullSpec) -> Listing:
+        """The commit ``spec.revision`` points at, and every file of the repo at that commit.
+
+        Two API calls: ``repo_info`` and ``list_repo_tree``.
+        """
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
@@ -185,75 +101,82 @@ class HuggingFaceSource:
             files = [RemoteFile(e.path, e.size) for e in entries if isinstance(e, RepoFile)]
         except Exception as exc:
             raise self._translate(exc, spec) from exc
-        return commit, files
+        return Listing(commit, files, self.endpoint)
 
-    def _wanted(self, spec: PullSpec, files: list[RemoteFile], commit: str) -> list[RemoteFile]:
-        wanted = [f for f in files if spec.wants(f.path)]
-        if not wanted:
-            raise SourceNotFoundError(
-                f"no file of {spec.repo!r} at {commit[:12]} matches the include/exclude patterns",
-                name=spec.repo,
-                source=self.name,
+    def _download(self, spec: PullSpec, listing: Listing, dest: Path, counter: ByteCounter) -> None:
+        from huggingface_hub import snapshot_download
+
+        try:
+            # A commit hash as revision: the SDK skips its own revision lookup, and every file
+            # comes from the same commit even if the branch moves meanwhile.
+            snapshot_download(
+                spec.repo,
+                revision=listing.revision,
+                local_dir=dest,
+                cache_dir=self.download_cache,
+                token=self.token,
+                endpoint=self.endpoint,
+                tqdm_class=cast(Any, _progress_bars(counter)),
+                **sdk_patterns(spec),
             )
-        return wanted
+        except Exception as exc:
+            raise self._translate(exc, spec) from exc
 
-    def _where(self) -> str:
-        return self.endpoint or "the Hugging Face Hub"
-
-    def _translate(self, exc: BaseException, spec: PullSpec) -> YichuiError:
-        """The yichui error for an exception the SDK raised (a yichui one passes through)."""
-        for link in error_chain(exc):
-            if isinstance(link, YichuiError):  # e.g. the progress callback's lost lock
-                return link
+    def _classify(self, exc: BaseException, spec: PullSpec) -> YichuiError | None:
         names = class_names(exc)
         repo, where = spec.repo, self._where()
         rev = f" at revision {spec.revision!r}" if spec.revision else ""
-
-        def not_found(message: str, hint: str | None = None) -> SourceNotFoundError:
-            return SourceNotFoundError(message, name=repo, source=self.name, hint=hint)
-
-        def unavailable(message: str, hint: str | None = None) -> SourceUnavailableError:
-            return SourceUnavailableError(message, name=repo, source=self.name, hint=hint)
-
         if "GatedRepoError" in names:
-            return not_found(
+            return self._not_found(
+                spec,
                 f"{repo!r} is gated on {where}",
                 hint="accept its conditions on the model page, then set YICHUI_HF_TOKEN",
             )
         if "RepositoryNotFoundError" in names:
-            return not_found(f"{repo!r} does not exist on {where} (or it is private)", _TOKEN_HINT)
+            return self._not_found(
+                spec, f"{repo!r} does not exist on {where} (or it is private)", _TOKEN_HINT
+            )
         if "RevisionNotFoundError" in names:
-            return not_found(
+            return self._not_found(
+                spec,
                 f"{repo!r} has no revision {spec.revision!r} on {where}",
                 hint="use a branch, a tag or a full 40-character commit hash of the repo",
             )
         if "EntryNotFoundError" in names:
-            return not_found(f"a file of {repo!r}{rev} disappeared from {where} during the pull")
+            return self._not_found(
+                spec, f"a file of {repo!r}{rev} disappeared from {where} during the pull"
+            )
         if "HFValidationError" in names:
-            return not_found(f"{repo!r} is not a valid Hugging Face repo id: {first_line(exc)}")
+            return self._not_found(
+                spec, f"{repo!r} is not a valid Hugging Face repo id: {first_line(exc)}"
+            )
         if "HfHubHTTPError" in names:
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if status in (401, 403):
-                return not_found(f"{where} refused access to {repo!r} (HTTP {status})", _TOKEN_HINT)
+                return self._not_found(
+                    spec, f"{where} refused access to {repo!r} (HTTP {status})", _TOKEN_HINT
+                )
             if status == 404:  # a mirror that does not say what is missing
-                return not_found(f"{where} has no {repo!r}{rev} (HTTP 404)", _TOKEN_HINT)
-            return unavailable(
+                return self._not_found(
+                    spec, f"{where} has no {repo!r}{rev} (HTTP 404)", _TOKEN_HINT
+                )
+            return self._unavailable(
+                spec,
                 f"{where} answered HTTP {status} for {repo!r}",
                 hint="the hub may be down or rate-limiting: retry later",
             )
         if is_unreachable(exc):
-            return unavailable(
+            return self._unavailable(
+                spec,
                 f"cannot reach {where}: {first_line(exc)}",
                 hint="check the network or YICHUI_HF_ENDPOINT; with HF_HUB_OFFLINE=1 the local "
                 "Hugging Face cache is used instead",
             )
         if "LocalEntryNotFoundError" in names:  # a file neither reachable nor in the cache
-            return unavailable(
-                f"cannot fetch a file of {repo!r}{rev} from {where}: {first_line(exc)}"
+            return self._unavailable(
+                spec, f"cannot fetch a file of {repo!r}{rev} from {where}: {first_line(exc)}"
             )
-        if isinstance(exc, OSError):
-            return DownloadError(f"writing {repo!r} failed: {exc.strerror or exc}", name=repo)
-        return unavailable(f"Hugging Face download failed: {type(exc).__name__}: {first_line(exc)}")
+        return None
 
     # -- offline: a local Hugging Face cache -----------------------------------------------
 
@@ -264,8 +187,7 @@ class HuggingFaceSource:
 
     def _cached(
         self, spec: PullSpec, unreachable: SourceUnavailableError | None
-    ) -> tuple[str, Path, list[RemoteFile]]:
-        """(commit, snapshot folder, wanted files) of ``spec`` in the local cache."""
+    ) -> tuple[str | None, Path, list[RemoteFile]]:
         from huggingface_hub import snapshot_download
 
         cache = self._hf_cache()
@@ -279,8 +201,7 @@ class HuggingFaceSource:
                     revision=spec.revision,
                     cache_dir=cache,
                     local_files_only=True,
-                    allow_patterns=list(spec.include) or None,
-                    ignore_patterns=list(spec.exclude) or None,
+                    **sdk_patterns(spec),
                 )
             )
         except Exception as exc:
@@ -294,23 +215,6 @@ class HuggingFaceSource:
                 unreachable,
             )
         return folder.name, folder, files
-
-    def _cached_plan(self, spec: PullSpec, unreachable: SourceUnavailableError | None) -> Plan:
-        commit, _, files = self._cached(spec, unreachable)
-        return Plan(self.name, spec.repo, commit, files)
-
-    def _fetch_cached(
-        self,
-        spec: PullSpec,
-        dest: Path,
-        progress: ProgressFn | None,
-        unreachable: SourceUnavailableError | None,
-    ) -> str:
-        commit, folder, files = self._cached(spec, unreachable)
-        if unreachable is not None:
-            log.warning("%s; using the local Hugging Face cache instead", unreachable.message)
-        place_files(folder, files, dest, progress, name=spec.repo)
-        return commit
 
     def _not_cached(
         self,
@@ -342,24 +246,10 @@ class HuggingFaceSource:
                 what = f"{spec.repo!r} is not in the local Hugging Face cache {cache}"
         return self._offline_error(what, spec, unreachable)
 
-    def _offline_error(
-        self, what: str, spec: PullSpec, unreachable: SourceUnavailableError | None
-    ) -> YichuiError:
-        if unreachable is not None:
-            # The hub is down or unreachable: the model may well exist, so "unavailable".
-            return SourceUnavailableError(
-                f"{unreachable.message}, and {what}",
-                name=spec.repo,
-                source=self.name,
-                hint=unreachable.hint,
-            )
-        # Offline on purpose: the cache is the whole source, and it does not have it.
-        return SourceNotFoundError(
-            f"offline (HF_HUB_OFFLINE is set): {what}",
-            name=spec.repo,
-            source=self.name,
-            hint=f"download it into the cache first (`hf download {spec.repo}`), point "
-            "HF_HUB_CACHE at a cache that has it, or unset HF_HUB_OFFLINE",
+    def _offline_hint(self, spec: PullSpec) -> str:
+        return (
+            f"download it into the cache first (`hf download {spec.repo}`), point "
+            "HF_HUB_CACHE at a cache that has it, or unset HF_HUB_OFFLINE"
         )
 
 
@@ -379,24 +269,6 @@ def _cached_revisions(storage: Path) -> list[str]:
     return out
 
 
-class _Counter:
-    """Bytes done out of a total, for one fetch; updated from the SDK's worker threads."""
-
-    def __init__(self, progress: ProgressFn | None, done: int, total: int) -> None:
-        self.progress = progress
-        self.done = done
-        self.total = total
-        self.lock = threading.Lock()
-
-    def advance(self, step: int) -> None:
-        with self.lock:
-            self.done += step
-            done = min(self.done, self.total) if self.total else self.done
-        if self.progress is not None:
-            # May raise (the pull lost its lock): the SDK re-raises it from snapshot_download.
-            self.progress(done, self.total or None)
-
-
 class _ProgressBar:
     """Stands in for the ``tqdm`` class ``snapshot_download`` accepts, feeding a ProgressFn.
 
@@ -405,7 +277,7 @@ class _ProgressBar:
     updates. Only the last is reported: it is the one that adds up to the files' sizes.
     """
 
-    counter: ClassVar[_Counter]
+    counter: ClassVar[ByteCounter]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.desc = str(kwargs.get("desc") or "")
@@ -446,6 +318,6 @@ class _ProgressBar:
         pass
 
 
-def _progress_bars(progress: ProgressFn | None, done: int, total: int) -> type[_ProgressBar]:
+def _progress_bars(counter: ByteCounter) -> type[_ProgressBar]:
     """A ``_ProgressBar`` class bound to this one fetch's counter (the SDK wants a class)."""
-    return type("_FetchProgressBar", (_ProgressBar,), {"counter": _Counter(progress, done, total)})
+    return type("_FetchProgressBar", (_ProgressBar,), {"counter": counter})

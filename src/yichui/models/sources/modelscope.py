@@ -30,40 +30,39 @@ from __future__ import annotations
 
 import errno
 import importlib
-import logging
 import os
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from yichui.errors import (
     DownloadError,
     MissingExtraError,
-    SourceNotFoundError,
     SourceUnavailableError,
     YichuiError,
 )
-from yichui.models.sources.base import Plan, ProgressFn, PullSpec, RemoteFile
+from yichui.models.sources.base import PullSpec, RemoteFile
 from yichui.models.sources.files import (
     class_names,
     error_chain,
     first_line,
-    is_complete,
     is_unreachable,
-    normalize_patterns,
-    place_files,
     snapshot_files,
+)
+from yichui.models.sources.hub import (
+    ByteCounter,
+    HubOptions,
+    HubSource,
+    Listing,
+    env_true,
+    sdk_patterns,
 )
 
 if TYPE_CHECKING:
     from yichui.config import Settings
 
-log = logging.getLogger(__name__)
-
 DEFAULT_REVISION = "master"
-_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
 _TOKEN_HINT = "check the name; a private repo needs YICHUI_MODELSCOPE_TOKEN"
 # Names of SDK errors that mean the hub is unreachable or failing, not that the repo is absent.
 _UNAVAILABLE = frozenset({"NetworkError", "RequestTimeoutError", "ServerError", "RateLimitError"})
@@ -87,11 +86,7 @@ def _snapshot_download() -> Callable[..., Any]:
     raise MissingExtraError("hub", "pulling from ModelScope")
 
 
-def _env_true(name: str) -> bool:
-    return (os.environ.get(name) or "").strip().upper() in _TRUE
-
-
-class ModelScopeSource:
+class ModelScopeSource(HubSource):
     """Pulls ``owner/name`` model repositories from ModelScope.
 
     ``endpoint``: default the SDK's (``MODELSCOPE_ENDPOINT``, else modelscope.cn with a
@@ -101,20 +96,12 @@ class ModelScopeSource:
     """
 
     name = "modelscope"
+    title = "ModelScope"
+    home = "ModelScope"
+    offline_reason = "offline"
 
-    def __init__(
-        self,
-        *,
-        endpoint: str | None = None,
-        token: str | None = None,
-        cache_dir: Path | None = None,
-        download_cache: Path | None = None,
-        offline: bool | None = None,
-    ) -> None:
-        self.endpoint = endpoint.rstrip("/") if endpoint else None
-        self.token = token
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.download_cache = Path(download_cache) if download_cache is not None else None
+    def __init__(self, *, offline: bool | None = None, **options: Unpack[HubOptions]) -> None:
+        super().__init__(**options)
         self.offline = offline
 
     @classmethod
@@ -127,79 +114,28 @@ class ModelScopeSource:
         """Whether to use the local cache only (read at call time)."""
         if self.offline is not None:
             return self.offline
-        return _env_true("MODELSCOPE_OFFLINE") or _env_true("HF_HUB_OFFLINE")
+        return env_true("MODELSCOPE_OFFLINE") or env_true("HF_HUB_OFFLINE")
 
-    # -- the ModelSource interface -------------------------------------------------------
+    def _require_sdk(self) -> None:
+        _snapshot_download()
 
-    def plan(self, spec: PullSpec) -> Plan:
-        """The revision and the wanted files (online: one listing call); writes nothing."""
-        sdk = _snapshot_download()
-        spec = normalize_patterns(spec)
-        if self.is_offline():
-            return self._cached_plan(sdk, spec, unreachable=None)
-        try:
-            _, files = self._listing(spec)
-        except SourceUnavailableError as exc:
-            return self._cached_plan(sdk, spec, unreachable=exc)
-        revision = spec.revision or DEFAULT_REVISION
-        return Plan(self.name, spec.repo, revision, self._wanted(spec, files))
-
-    def fetch(self, spec: PullSpec, dest: Path, progress: ProgressFn | None = None) -> str | None:
-        """Download into ``dest`` (resuming what is there); return the branch or tag."""
-        sdk = _snapshot_download()
-        spec = normalize_patterns(spec)
-        if self.is_offline():
-            return self._fetch_cached(sdk, spec, dest, progress, unreachable=None)
-        try:
-            endpoint, files = self._listing(spec)
-        except SourceUnavailableError as exc:
-            return self._fetch_cached(sdk, spec, dest, progress, unreachable=exc)
-        revision = spec.revision or DEFAULT_REVISION
-        wanted = self._wanted(spec, files)
-        total = sum(f.size or 0 for f in wanted)
+    def _expected_size(self, file: RemoteFile) -> int | None:
         # The listing gives 0 for an unknown size as well as for an empty file.
-        already = sum(f.size or 0 for f in wanted if is_complete(dest / f.path, f.size or None))
-        watcher = _Progress(progress, already, total)
-        options: dict[str, Any] = {}
-        if progress is not None:
-            options["progress_callbacks"] = [watcher.callback_class()]
-        try:
-            sdk(
-                model_id=spec.repo,
-                revision=revision,
-                local_dir=str(dest),
-                cache_dir=str(self.download_cache) if self.download_cache else None,
-                allow_patterns=list(spec.include) or None,
-                ignore_patterns=list(spec.exclude) or None,
-                token=self.token,
-                endpoint=endpoint,
-                **options,
-            )
-        except Exception as exc:
-            raise self._translate(exc, spec, watcher.error) from exc
-        if watcher.error is not None:
-            raise watcher.error
-        missing = [f.path for f in wanted if not is_complete(dest / f.path, f.size or None)]
-        if missing:
-            raise SourceUnavailableError(
-                f"the pull of {spec.repo!r} stopped with {len(missing)} file(s) missing "
-                f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})",
-                name=spec.repo,
-                source=self.name,
-                hint="run the pull again: it resumes where it stopped",
-            )
-        return revision
+        return file.size or None
 
     # -- online --------------------------------------------------------------------------
 
-    def _listing(self, spec: PullSpec) -> tuple[str | None, list[RemoteFile]]:
-        """(endpoint that has the repo, every file of it at the revision)."""
+    def _listing(self, spec: PullSpec) -> Listing:
+        """The endpoint that has the repo, and every file of it at the branch or tag (one call).
+
+        ModelScope's download path never sees commit ids, so the revision is the name asked for.
+        """
         revision = spec.revision or DEFAULT_REVISION
         try:
             try:
                 hub_api = _load("modelscope_hub", "HubApi")
             except ImportError:
-                return self.endpoint, self._legacy_listing(spec, revision)
+                return Listing(revision, self._legacy_listing(spec, revision), self.endpoint)
             api = hub_api(endpoint=self.endpoint, token=self.token)
             # The configured endpoint as is; with none, the SDK looks for the repo on
             # modelscope.cn then modelscope.ai. Passing the answer on saves a second probe.
@@ -210,13 +146,13 @@ class ModelScopeSource:
         except YichuiError:
             raise
         except Exception as exc:
-            raise self._translate(exc, spec, None) from exc
+            raise self._translate(exc, spec) from exc
         files = [
             RemoteFile(str(e.path), int(e.size) if e.size is not None else None)
             for e in entries
             if getattr(e, "type", "blob") != "tree"
         ]
-        return endpoint, files
+        return Listing(revision, files, endpoint)
 
     def _legacy_listing(self, spec: PullSpec, revision: str) -> list[RemoteFile]:
         # modelscope < 1.38 (no modelscope_hub): the old HubApi, whose files are dicts.
@@ -230,35 +166,33 @@ class ModelScopeSource:
             if d.get("Type", "blob") != "tree"
         ]
 
-    def _wanted(self, spec: PullSpec, files: list[RemoteFile]) -> list[RemoteFile]:
-        wanted = [f for f in files if spec.wants(f.path)]
-        if not wanted:
-            raise SourceNotFoundError(
-                f"no file of {spec.repo!r} ({spec.revision or DEFAULT_REVISION}) matches the "
-                "include/exclude patterns",
-                name=spec.repo,
-                source=self.name,
+    def _download(self, spec: PullSpec, listing: Listing, dest: Path, counter: ByteCounter) -> None:
+        watcher = _Stopper(counter)
+        options: dict[str, Any] = {}
+        if counter.progress is not None:
+            options["progress_callbacks"] = [watcher.callback_class()]
+        try:
+            _snapshot_download()(
+                model_id=spec.repo,
+                revision=listing.revision,
+                local_dir=str(dest),
+                cache_dir=str(self.download_cache) if self.download_cache else None,
+                token=self.token,
+                endpoint=listing.endpoint,
+                **sdk_patterns(spec),
+                **options,
             )
-        return wanted
+        except Exception as exc:
+            # Our progress callback stopped the download on purpose: its reason, not the SDK's.
+            if watcher.error is not None:
+                raise watcher.error from exc
+            raise self._translate(exc, spec) from exc
+        if watcher.error is not None:
+            raise watcher.error
 
-    def _translate(
-        self, exc: BaseException, spec: PullSpec, stopped: YichuiError | None
-    ) -> YichuiError:
-        """The yichui error for an exception the SDK raised (a yichui one passes through)."""
-        if stopped is not None:  # our progress callback stopped the download on purpose
-            return stopped
-        for link in error_chain(exc):
-            if isinstance(link, YichuiError):
-                return link
-        repo, where = spec.repo, self.endpoint or "ModelScope"
+    def _classify(self, exc: BaseException, spec: PullSpec) -> YichuiError | None:
+        repo, where = spec.repo, self._where()
         revision = spec.revision or DEFAULT_REVISION
-
-        def not_found(message: str, hint: str | None = None) -> SourceNotFoundError:
-            return SourceNotFoundError(message, name=repo, source=self.name, hint=hint)
-
-        def unavailable(message: str, hint: str | None = None) -> SourceUnavailableError:
-            return SourceUnavailableError(message, name=repo, source=self.name, hint=hint)
-
         # snapshot_download re-raises NotExistError and the auth errors as requests'
         # HTTPError (from the original), so the whole chain is searched by class name.
         chain = list(error_chain(exc))
@@ -267,29 +201,32 @@ class ModelScopeSource:
         if "FileDownloadError" in names and not names & _UNAVAILABLE:
             return self._failed_files(exc, spec)
         if "NotExistError" in names or status == 404:
-            return not_found(
+            return self._not_found(
+                spec,
                 f"{repo!r} at revision {revision!r} does not exist on {where} (or it is private): "
                 f"{first_line(exc)}",
                 _TOKEN_HINT,
             )
         if names & {"AuthenticationError", "PermissionDeniedError"} or status in (401, 403):
-            return not_found(f"{where} refused access to {repo!r}: {first_line(exc)}", _TOKEN_HINT)
+            return self._not_found(
+                spec, f"{where} refused access to {repo!r}: {first_line(exc)}", _TOKEN_HINT
+            )
         if "InvalidParameter" in names:
-            return not_found(f"ModelScope rejected {repo!r}: {first_line(exc)}")
+            return self._not_found(spec, f"ModelScope rejected {repo!r}: {first_line(exc)}")
         if names & _UNAVAILABLE or is_unreachable(exc):
-            return unavailable(
+            return self._unavailable(
+                spec,
                 f"cannot reach {where}: {first_line(exc)}",
                 hint="check the network or MODELSCOPE_ENDPOINT; with MODELSCOPE_OFFLINE=1 the "
                 "local ModelScope cache is used instead",
             )
         if "FileIntegrityError" in names:
-            return unavailable(
+            return self._unavailable(
+                spec,
                 f"{where} kept serving a corrupt file of {repo!r}: {first_line(exc)}",
                 hint="retry later",
             )
-        if isinstance(exc, OSError):
-            return DownloadError(f"writing {repo!r} failed: {exc.strerror or exc}", name=repo)
-        return unavailable(f"ModelScope download failed: {type(exc).__name__}: {first_line(exc)}")
+        return None
 
     def _failed_files(self, exc: BaseException, spec: PullSpec) -> YichuiError:
         # modelscope_hub tries every file, then raises one FileDownloadError carrying each
@@ -311,10 +248,9 @@ class ModelScopeSource:
                 )
         first = next(iter(failures.items()), None)
         detail = f" (first: {first[0]}: {first_line(first[1])})" if first else ""
-        return SourceUnavailableError(
+        return self._unavailable(
+            spec,
             f"{len(failures) or 'some'} file(s) of {spec.repo!r} failed to download{detail}",
-            name=spec.repo,
-            source=self.name,
             hint="run the pull again: it resumes where it stopped",
         )
 
@@ -327,19 +263,15 @@ class ModelScopeSource:
         return Path(env).expanduser() if env else Path.home() / ".cache" / "modelscope"
 
     def _cached(
-        self,
-        sdk: Callable[..., Any],
-        spec: PullSpec,
-        unreachable: SourceUnavailableError | None,
+        self, spec: PullSpec, unreachable: SourceUnavailableError | None
     ) -> tuple[str | None, Path, list[RemoteFile]]:
-        """(revision, snapshot folder, wanted files) of ``spec`` in the local cache."""
         cache = self._ms_cache()
         legacy = _legacy_folder(cache, spec.repo)
         try:
             # local_files_only never touches the network. With local_dir it returns that
             # folder if non-empty: used for the old layouts the SDK does not probe itself.
             folder = Path(
-                sdk(
+                _snapshot_download()(
                     model_id=spec.repo,
                     revision=spec.revision,
                     cache_dir=str(cache),
@@ -351,7 +283,7 @@ class ModelScopeSource:
             if isinstance(exc, YichuiError):
                 raise
             if "InvalidParameter" in class_names(exc):
-                raise self._translate(exc, spec, None) from exc
+                raise self._translate(exc, spec) from exc
             raise self._offline_error(
                 f"{spec.repo!r}{_at(spec)} is not in the local ModelScope cache {cache}",
                 spec,
@@ -381,78 +313,31 @@ class ModelScopeSource:
             )
         return revision or spec.revision, folder, files
 
-    def _cached_plan(
-        self,
-        sdk: Callable[..., Any],
-        spec: PullSpec,
-        unreachable: SourceUnavailableError | None,
-    ) -> Plan:
-        revision, _, files = self._cached(sdk, spec, unreachable)
-        return Plan(self.name, spec.repo, revision, files)
-
-    def _fetch_cached(
-        self,
-        sdk: Callable[..., Any],
-        spec: PullSpec,
-        dest: Path,
-        progress: ProgressFn | None,
-        unreachable: SourceUnavailableError | None,
-    ) -> str | None:
-        revision, folder, files = self._cached(sdk, spec, unreachable)
-        if unreachable is not None:
-            log.warning("%s; using the local ModelScope cache instead", unreachable.message)
-        place_files(folder, files, dest, progress, name=spec.repo)
-        return revision
-
-    def _offline_error(
-        self,
-        what: str,
-        spec: PullSpec,
-        unreachable: SourceUnavailableError | None,
-        detail: str | None = None,
-    ) -> YichuiError:
-        if unreachable is not None:
-            return SourceUnavailableError(
-                f"{unreachable.message}, and {what}",
-                name=spec.repo,
-                source=self.name,
-                hint=unreachable.hint,
-            )
-        return SourceNotFoundError(
-            f"offline: {what}" + (f" ({detail})" if detail else ""),
-            name=spec.repo,
-            source=self.name,
-            hint=f"download it into the cache first (`modelscope download {spec.repo}`), "
+    def _offline_hint(self, spec: PullSpec) -> str:
+        return (
+            f"download it into the cache first (`modelscope download {spec.repo}`), "
             "point MODELSCOPE_CACHE at a cache that has it, or unset MODELSCOPE_OFFLINE and "
-            "HF_HUB_OFFLINE",
+            "HF_HUB_OFFLINE"
         )
 
 
-class _Progress:
-    """Turns the SDK's per-file callbacks into one ProgressFn over the whole fetch.
+class _Stopper:
+    """Turns the SDK's per-file callbacks into one count over the whole fetch.
 
     If the ProgressFn raises (the pull lost its lock), the error is kept for ``fetch`` to
     raise, and the callback raises an ``EACCES`` OSError instead: the one kind of error the
     SDK's retry loop gives up on at once, rather than retrying the file with back-off.
     """
 
-    def __init__(self, progress: ProgressFn | None, done: int, total: int) -> None:
-        self.progress = progress
-        self.done = done
-        self.total = total
+    def __init__(self, counter: ByteCounter) -> None:
+        self.counter = counter
         self.error: YichuiError | None = None
-        self.lock = threading.Lock()
 
     def advance(self, step: int) -> None:
         if self.error is not None:
             raise _stop()
-        with self.lock:
-            self.done += step
-            done = min(self.done, self.total) if self.total else self.done
-        if self.progress is None:
-            return
         try:
-            self.progress(done, self.total or None)
+            self.counter.advance(step)
         except YichuiError as exc:
             self.error = exc
             raise _stop() from exc
