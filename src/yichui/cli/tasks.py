@@ -18,21 +18,27 @@ from rich.text import Text
 from yichui.cli.output import JsonOpt, console, err_console, human_size, print_json, warn
 from yichui.errors import InvalidTaskArgsError
 from yichui.runtime import Runtime
-from yichui.state.task_store import STATES, TERMINAL, LogEntry
+from yichui.state.task_store import STATES, TERMINAL, LogEntry, TaskState
 
 app = typer.Typer(help="Long jobs: list, watch, cancel and retry tasks.", no_args_is_help=True)
 
 IdArg = Annotated[str, typer.Argument(help="Task id (from `yichui tasks list`).")]
 
-_STATE_STYLE = {
-    "queued": "cyan",
-    "running": "blue",
-    "succeeded": "green",
-    "failed": "red",
-    "dead": "red bold",
-    "cancelled": "yellow",
+# Keyed by state, looked up by the plain string a status holds (a StrEnum member equals it).
+_STATE_STYLE: dict[str, str] = {
+    TaskState.QUEUED: "cyan",
+    TaskState.RUNNING: "blue",
+    TaskState.SUCCEEDED: "green",
+    TaskState.FAILED: "red",
+    TaskState.DEAD: "red bold",
+    TaskState.CANCELLED: "yellow",
 }
-EXIT_CODES = {"succeeded": 0, "failed": 1, "dead": 1, "cancelled": 3}
+EXIT_CODES: dict[str, int] = {
+    TaskState.SUCCEEDED: 0,
+    TaskState.FAILED: 1,
+    TaskState.DEAD: 1,
+    TaskState.CANCELLED: 3,
+}
 """Exit status of ``watch`` and ``selftest --wait`` for the task's final state."""
 
 
@@ -105,7 +111,7 @@ def list_(
             _progress_text(t["progress"]),
             _metrics_text(t["progress"]),
             _age(t.get("created")),
-            t.get("worker", "-") if st == "running" else "-",
+            t.get("worker", "-") if st == TaskState.RUNNING else "-",
         )
     console.print(table)
     counts = svc.counts()
@@ -130,13 +136,13 @@ def _show_text(t: dict[str, Any]) -> None:
     ]
     if t["progress"].get("metrics"):
         rows.append(("metrics", _metrics_text(t["progress"])))
-    if t["progress"].get("eta") is not None and st == "running":
+    if t["progress"].get("eta") is not None and st == TaskState.RUNNING:
         rows.append(("eta", _duration(t["progress"]["eta"])))
     rows.append(("args", _pairs(t.get("args") or {})))
     for key in ("created", "started", "finished"):
         if t.get(key):
             rows.append((key, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t[key]))))
-    if st == "running":
+    if st == TaskState.RUNNING:
         rows.append(("worker", str(t.get("worker"))))
         if t.get("heartbeat"):
             rows.append(("heartbeat", f"{_age(t['heartbeat'])} ago"))
@@ -227,7 +233,7 @@ def _watch(rt: Runtime, task_id: str, *, json: bool, lines: int) -> str:
     svc = rt.tasks
     status = svc.get(task_id)
     state = status["state"]
-    if state == "queued":
+    if state == TaskState.QUEUED:
         queue = status.get("queue") or rt.settings.task_queue
         if not any(w.get("queue") == queue for w in svc.alive_workers()):
             warn(

@@ -15,6 +15,7 @@ import typer
 from yichui.cli.output import JsonOpt, console, err_console, print_json
 from yichui.cli.tasks import EXIT_CODES, watch_task
 from yichui.runtime import Runtime
+from yichui.state.task_store import TaskState
 from yichui.training.service import TrainingService
 
 WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="Follow it until it ends.")]
@@ -24,13 +25,13 @@ ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Replace a model of 
 
 def _svc(ctx: typer.Context) -> tuple[Runtime, TrainingService]:
     rt: Runtime = ctx.obj
-    return rt, TrainingService(rt)
+    return rt, rt.training
 
 
 def _queued(rt: Runtime, t: dict[str, Any], *, wait: bool, json: bool, what: str) -> None:
     if wait:
         state = watch_task(rt, t["id"], json=json)
-        if state == "succeeded" and not json:
+        if state == TaskState.SUCCEEDED and not json:
             result = rt.tasks.get(t["id"]).get("result") or {}
             if result.get("path"):
                 console.print(f"{what}: {result.get('output')} ({result['path']})", highlight=False)
@@ -208,7 +209,7 @@ def eval_(
             )
         return
     state = watch_task(rt, sub.task["id"], json=json)
-    if state == "succeeded" and not json:
+    if state == TaskState.SUCCEEDED and not json:
         _print_report(rt.tasks.get(sub.task["id"]).get("result") or {}, note="computed")
     raise typer.Exit(EXIT_CODES.get(state, 1))
 

@@ -8,6 +8,7 @@ acknowledgement never disagree, even when a worker dies between two commands.
 from __future__ import annotations
 
 import contextlib
+import enum
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,8 +26,33 @@ from yichui.state.keys import Keys
 GROUP = "workers"
 """The consumer group every worker of a queue joins."""
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "dead")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its life.
+
+    The values are what the Lua scripts of :mod:`yichui.state.task_lua` write into a status
+    and its per-state index, and what users read in ``tasks list``; as a ``StrEnum`` a member
+    equals its value, so a state read back from Redis compares and looks up as one.
+    """
+
+    QUEUED = "queued"
+    """Waiting for a worker, or waiting out a retry backoff."""
+    RUNNING = "running"
+    """Claimed by a worker, which holds a lease on it."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    """The handler raised an error that is not retryable."""
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+    """Retries exhausted, or its worker lost at the last attempt: dead-lettered."""
+
+
+STATES: tuple[TaskState, ...] = tuple(TaskState)
+"""Every state, in the order of a task's life (also the order of ``counts()``)."""
+TERMINAL: frozenset[TaskState] = frozenset(
+    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.DEAD}
+)
+"""The final states: a task in one of them runs no more unless it is retried."""
 
 _INT_FIELDS = ("attempt", "max_attempts", "fence")
 _TIME_FIELDS = ("created", "started", "finished", "updated", "heartbeat", "retry_at", "cancel")
@@ -177,11 +203,12 @@ class TaskStore:
 
     @state_errors
     def retry(self, task_id: str, max_attempts: int | None = None) -> tuple[bool, str]:
-        """Requeue a failed, dead or cancelled task -> (requeued, state it was in)."""
+        """Requeue a failed, dead or cancelled task -> (requeued, state it was in, or
+        ``missing``)."""
         queue = self.queue_of(task_id) or "default"
         arg = "" if max_attempts is None else str(max_attempts)
         out = self._run("RETRY", task_id, queue, arg)
-        return (True, "queued") if int(out[0]) == 1 else (False, _s(out[1]))
+        return (True, TaskState.QUEUED) if int(out[0]) == 1 else (False, _s(out[1]))
 
     # -- workers --------------------------------------------------------------------------------
     def ensure_group(self, queue: str) -> None:
@@ -353,9 +380,11 @@ class TaskStore:
         return decode_status(raw) if raw else None
 
     @state_errors
-    def listing(self, states: Sequence[str] = STATES, *, limit: int = 50) -> list[dict[str, Any]]:
+    def listing(
+        self, states: Sequence[TaskState] = STATES, *, limit: int = 50
+    ) -> list[dict[str, Any]]:
         """The newest ``limit`` tasks in ``states`` (by time they entered it), newest first."""
-        ids: list[tuple[float, str, str]] = []
+        ids: list[tuple[float, str, TaskState]] = []
         pipe = self.client.pipeline(transaction=False)  # one round trip for every index
         for state in states:
             pipe.zrevrange(self.keys.task_index(state), 0, limit - 1, withscores=True)
@@ -369,7 +398,7 @@ class TaskStore:
         for _, task_id, _state in ids:
             pipe.hgetall(self.keys.task_status(task_id))
         out: list[dict[str, Any]] = []
-        stale: list[tuple[str, str]] = []
+        stale: list[tuple[TaskState, str]] = []
         for (_, task_id, state), raw in zip(ids, pipe.execute(), strict=True):
             if raw:
                 out.append(decode_status(raw))
@@ -381,10 +410,13 @@ class TaskStore:
 
     @state_errors
     def counts(self) -> dict[str, int]:
+        """How many tasks each state's index holds, keyed by state name, in ``STATES`` order."""
         pipe = self.client.pipeline(transaction=False)
         for key in self._index_keys:
             pipe.zcard(key)
-        return dict(zip(STATES, (int(n) for n in pipe.execute()), strict=True))
+        # Plain strings as keys: orjson (the CLI's and the API's JSON) refuses str subclasses there.
+        names = (state.value for state in STATES)
+        return dict(zip(names, (int(n) for n in pipe.execute()), strict=True))
 
     @state_errors
     def workers(self) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from yichui.errors import (
     TaskNotFoundError,
     TaskStateError,
 )
-from yichui.state.task_store import STATES, LogEntry, TaskStore
+from yichui.state.task_store import STATES, LogEntry, TaskState, TaskStore
 from yichui.tasks.types import TaskTypes, builtin_types
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -29,6 +29,16 @@ def new_task_id() -> str:
         ms, r = divmod(ms, 36)
         digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
     return f"t{digits}-{secrets.token_hex(6)}"
+
+
+def _task_state(name: str) -> TaskState:
+    """``name`` as a state; a user's typo is refused with the list of states."""
+    try:
+        return TaskState(name)
+    except ValueError:
+        raise InvalidTaskArgsError(
+            f"unknown state {name!r}", hint=f"states: {', '.join(STATES)}"
+        ) from None
 
 
 class TaskService:
@@ -101,12 +111,9 @@ class TaskService:
     def listing(
         self, states: Sequence[str] | None = None, *, limit: int = 50
     ) -> list[dict[str, Any]]:
-        for s in states or ():
-            if s not in STATES:
-                raise InvalidTaskArgsError(
-                    f"unknown state {s!r}", hint=f"states: {', '.join(STATES)}"
-                )
-        return self.store.listing(tuple(states) if states else STATES, limit=limit)
+        """The newest ``limit`` tasks in ``states`` (default: every state), newest first."""
+        wanted = tuple(_task_state(s) for s in states) if states else STATES
+        return self.store.listing(wanted, limit=limit)
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
