@@ -127,10 +127,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from yichui.config import load_settings
+    from yichui.ml.loading import resolve_device
     from yichui.runtime import Runtime
     from yichui.training.args import DatasetRef, TrainArgs
     from yichui.training.dataset import inspect_dataset
-    from yichui.training.loading import resolve_device
     from yichui.training.lora import build_trainer
     from yichui.training.progress import TaskProgress
 

@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yichui.errors import MissingExtraError, ModelLoadError
+from yichui.ml.loading import (
+    apply_adapter,
+    load_model,
+    load_tokenizer,
+    require_ml,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +92,9 @@ class ModelPool:
     """Loaded models of this process, least recently used first, within ``budget_bytes``.
 
     ``device``: ``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-    ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``bfloat16``, ``float16`` or
-    ``float32``.
+    ``dtype``: ``auto`` (bfloat16 on a CUDA GPU that supports it, else float32: the rule of
+    :func:`yichui.ml.loading.resolve_dtype`, which training follows too), ``bfloat16``,
+    ``float16`` or ``float32``.
     """
 
     def __init__(self, *, budget_bytes: int, device: str = "auto", dtype: str = "auto") -> None:
@@ -290,17 +298,9 @@ class ModelPool:
 
     def _resolve(self) -> tuple[str, str]:
         """The concrete device and dtype (``auto`` resolved: this imports torch)."""
-        try:
-            import torch
-        except ImportError as exc:
-            raise MissingExtraError("ml", "local inference") from exc
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        return device, dtype
+        require_ml("local inference", peft=False)
+        device = resolve_device(self.device)
+        return device, resolve_dtype(device, self.dtype)
 
 
 def estimate_bytes(path: Path, element_size: int) -> int:
@@ -351,33 +351,12 @@ def _load_sync(
 ) -> tuple[Any, Any, int]:
     """Load tokenizer and model (in a worker thread), with a LoRA adapter merged in; return
     them and the weights' bytes. The adapter's tokenizer (its chat template) wins."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as exc:
-        raise MissingExtraError("ml", "local inference") from exc
-    try:
-        tok_path = adapter if adapter and (adapter / "tokenizer_config.json").exists() else path
-        tokenizer: Any = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=getattr(torch, dtype),
-            # straight onto the GPU: no second copy of the weights in host memory
-            device_map=device if device.startswith("cuda") else None,
-            local_files_only=True,
-        )
-        if adapter is not None:
-            from peft import PeftModel
-
-            # merged once at load: as fast per token as the base alone
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    except Exception as exc:
-        # transformers raises all sorts for a broken or incomplete folder (OSError, ValueError,
-        # KeyError, the tokenizers library's bare Exception), torch a RuntimeError when out of
-        # memory: one error for the API to report, the cause chained
-        raise ModelLoadError(name, f"{type(exc).__name__}: {exc}") from exc
-    if not device.startswith("cuda"):
-        model.to(device)
+    require_ml("local inference", peft=adapter is not None)
+    tokenizer = load_tokenizer(path, name, adapter=adapter)
+    model = load_model(path, name, device=device, dtype=dtype)
+    if adapter is not None:
+        # merged once at load: as fast per token as the base alone
+        model = apply_adapter(model, adapter, name, merge=True)
     model.eval()
     # parameters only (buffers such as rotary tables are tiny), as the estimate counts them
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())

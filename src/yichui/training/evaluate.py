@@ -12,11 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from yichui.models.targets import resolve_target
-from yichui.tasks.context import TaskContext
-from yichui.training.args import EvalArgs
-from yichui.training.dataset import Example, read_examples
-from yichui.training.loading import (
+from yichui.ml.loading import (
     apply_adapter,
     load_model,
     load_tokenizer,
@@ -24,6 +20,10 @@ from yichui.training.loading import (
     resolve_device,
     resolve_dtype,
 )
+from yichui.models.targets import resolve_target
+from yichui.tasks.context import TaskContext
+from yichui.training.args import EvalArgs
+from yichui.training.dataset import Example, read_examples
 from yichui.training.report import contains, exact_match
 from yichui.training.service import TrainingService, eval_key
 
@@ -50,16 +50,11 @@ def evaluate(ctx: TaskContext, args: EvalArgs) -> dict[str, Any]:
     device = resolve_device(rt.settings.inference_device)
     dtype = resolve_dtype(device)
     base_path = Path(target.base.path or "")
-    tok_path = base_path
-    if (
-        target.adapter is not None
-        and (Path(target.adapter.path or "") / "tokenizer_config.json").exists()
-    ):
-        tok_path = Path(target.adapter.path or "")
-    tokenizer = load_tokenizer(tok_path, args.model)
+    adapter = Path(target.adapter.path or "") if target.adapter is not None else None
+    tokenizer = load_tokenizer(base_path, args.model, adapter=adapter)
     model = load_model(base_path, args.model, device=device, dtype=dtype)
-    if target.adapter is not None:
-        model = apply_adapter(model, Path(target.adapter.path or ""), args.model, merge=True)
+    if adapter is not None:
+        model = apply_adapter(model, adapter, args.model, merge=True)
     model.eval()
     examples = read_examples(args.dataset.path)
     if args.limit is not None:

@@ -16,20 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from yichui.errors import TaskFailedError, TrainingError
+from yichui.ml.loading import load_model, load_tokenizer, require_ml, resolve_device, resolve_dtype
 from yichui.models.install import install_model
 from yichui.models.status import read_manifest
 from yichui.models.targets import resolve_target
 from yichui.tasks.context import TaskContext
 from yichui.training.args import DatasetRef, TrainArgs
 from yichui.training.dataset import file_sha256, read_examples
-from yichui.training.loading import (
-    check_qlora,
-    load_model,
-    load_tokenizer,
-    require_ml,
-    resolve_device,
-    resolve_dtype,
-)
+from yichui.training.loading import check_qlora
 from yichui.training.runs import checkpoint_step, latest_checkpoint, write_json
 
 
@@ -203,8 +197,6 @@ def build_trainer(
     except ValueError as exc:  # target modules that the architecture does not have
         raise TrainingError(f"LoRA cannot be applied: {exc}") from exc
     cuda = device.startswith("cuda")
-    import torch
-
     targs = TrainingArguments(
         output_dir=str(output_dir or Path(args.run_dir) / "checkpoints"),
         max_steps=args.max_steps or -1,
@@ -224,7 +216,7 @@ def build_trainer(
         report_to="none",
         disable_tqdm=True,
         use_cpu=device == "cpu",  # cuda and mps: the Trainer's own device placement
-        bf16=cuda and dtype == torch.bfloat16,
+        bf16=cuda and dtype == "bfloat16",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,

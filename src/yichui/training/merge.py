@@ -12,20 +12,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from yichui.ml.loading import apply_adapter, load_model, load_tokenizer, require_ml
 from yichui.models.install import install_model
 from yichui.models.status import read_manifest
 from yichui.models.targets import resolve_target
 from yichui.tasks.context import TaskContext
 from yichui.training.args import MergeArgs
-from yichui.training.loading import apply_adapter, load_model, load_tokenizer, require_ml
 
 STEPS = 4
 
 
 def merge(ctx: TaskContext, args: MergeArgs) -> dict[str, Any]:
     require_ml("merging")
-    import torch
-
     rt = ctx.services
     target = resolve_target(rt.registry, f"{args.base}@{args.adapter}")
     assert target.adapter is not None
@@ -34,7 +32,7 @@ def merge(ctx: TaskContext, args: MergeArgs) -> dict[str, Any]:
 
     def produce(staging: Path, _lock: Any) -> dict[str, Any]:
         ctx.log(f"loading {args.base} ({dtype})")
-        model = load_model(base_path, args.base, device="cpu", dtype=getattr(torch, dtype))
+        model = load_model(base_path, args.base, device="cpu", dtype=dtype)
         ctx.report(1, STEPS)
         ctx.log(f"applying {args.adapter}")
         model = apply_adapter(model, adapter_path, args.adapter, merge=False)
@@ -43,8 +41,8 @@ def merge(ctx: TaskContext, args: MergeArgs) -> dict[str, Any]:
         ctx.report(3, STEPS)
         ctx.flush()  # a run whose lease was lost stops before writing the model
         model.save_pretrained(str(staging))
-        tok_src = adapter_path if (adapter_path / "tokenizer_config.json").exists() else base_path
-        load_tokenizer(tok_src, args.adapter).save_pretrained(str(staging))
+        tokenizer = load_tokenizer(base_path, args.adapter, adapter=adapter_path)
+        tokenizer.save_pretrained(str(staging))
         ctx.report(4, STEPS)
         trained = read_manifest(adapter_path)
         return {
