@@ -27,11 +27,9 @@ from yichui.inference.engine import (
     ImagePart,
     Message,
 )
-from yichui.inference.engines.local import (
-    LocalEngine,
-    fallback_chat_prompt,
-)
+from yichui.inference.engines.local import LocalEngine
 from yichui.inference.pool import ModelPool, estimate_bytes
+from yichui.ml.prompts import fallback_chat_prompt
 from yichui.models.registry import ModelRegistry
 from yichui.models.targets import Target
 

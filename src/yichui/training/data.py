@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from yichui.errors import ChatTemplateError
-from yichui.inference.engines.local import fallback_chat_prompt
+from yichui.ml.prompts import has_chat_template, render_chat
 from yichui.training.dataset import Example
 
 IGNORE = -100
@@ -27,16 +26,9 @@ class Encoded:
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """The text a model is asked with: the conversation plus the assistant's turn opening."""
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text: str = tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # jinja2's TemplateError, raised by templates on purpose
-            raise ChatTemplateError(getattr(tokenizer, "name_or_path", "?"), str(exc)) from exc
-        return text
-    return fallback_chat_prompt(list(messages))
+    """The text a model is asked with: the conversation plus the assistant's turn opening,
+    rendered as the local engine renders it (:func:`yichui.ml.prompts.render_chat`)."""
+    return render_chat(tokenizer, messages, model=getattr(tokenizer, "name_or_path", "?"))
 
 
 def token_ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
@@ -46,7 +38,7 @@ def token_ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
 def encode(tokenizer: Any, example: Example, max_length: int) -> Encoded:
     """Prompt and answer ids; the prompt is cut from the left when the whole is too long, so
     the answer (what is learned) survives; an answer longer than ``max_length`` is cut too."""
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    templated = has_chat_template(tokenizer)
     prompt = token_ids(tokenizer, render_prompt(tokenizer, example.prompt), special=not templated)
     answer_text = example.messages[-1]["content"]
     if templated:

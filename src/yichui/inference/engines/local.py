@@ -9,10 +9,11 @@
 
 How a request is run:
 
-- The prompt: a chat goes through the tokenizer's chat template (with the generation prompt);
-  a tokenizer without one gets :func:`fallback_chat_prompt`. A completion's prompt is used as
-  is. Image parts are refused (:class:`~yichui.errors.ImagesNotAcceptedError`): no local model
-  takes them yet.
+- The prompt (:mod:`yichui.ml.prompts`, shared with training): a chat goes through the
+  tokenizer's chat template (with the generation prompt); a tokenizer without one gets
+  :func:`~yichui.ml.prompts.fallback_chat_prompt`. A completion's prompt is used as is. Image
+  parts are refused (:class:`~yichui.errors.ImagesNotAcceptedError`): no local model takes
+  them yet.
 - Decoding is always transformers' greedy loop; sampling (``temperature > 0``) happens in a
   logits processor of ours that draws the token with a per-request ``torch.Generator`` and
   leaves only it standing. So a seed gives the same text every time, whatever else the process
@@ -41,7 +42,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from yichui.errors import (
-    ChatTemplateError,
     ImagesNotAcceptedError,
     InvalidModelNameError,
     MissingExtraError,
@@ -53,11 +53,11 @@ from yichui.inference.engine import (
     EngineChunk,
     EngineRequest,
     EngineResult,
-    Message,
     ModelCard,
     Usage,
 )
 from yichui.inference.pool import LoadedModel, ModelPool
+from yichui.ml import prompts
 from yichui.models.registry import ModelRegistry
 from yichui.models.targets import Target, resolve_target
 
@@ -176,49 +176,13 @@ def _check(request: EngineRequest) -> None:
         raise ValueError("max_tokens must be at least 1")
 
 
-def fallback_chat_prompt(messages: list[dict[str, str]]) -> str:
-    """The chat prompt for a tokenizer without a chat template: one ``Role: content`` line per
-    message, then ``Assistant:`` for the answer::
-
-        System: Be brief.
-        User: Hi!
-        Assistant:
-    """
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    lines.append("Assistant:")
-    return "\n".join(lines)
-
-
 def prompt_ids(tokenizer: Any, request: EngineRequest) -> list[int]:
-    """The token ids of the request's prompt (never empty)."""
-    if request.kind == "chat":
-        messages = [_message(m) for m in request.messages]
-        if getattr(tokenizer, "chat_template", None):
-            try:
-                text = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as exc:  # templates raise jinja2's TemplateError on purpose
-                raise ChatTemplateError(request.model, str(exc)) from exc
-            # the template writes the special tokens (BOS included) itself
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(fallback_chat_prompt(messages))["input_ids"]
-    else:
-        ids = tokenizer(request.prompt)["input_ids"]
-    if not ids:  # an empty prompt without BOS: generation needs one token to start from
-        start = tokenizer.bos_token_id
-        if start is None:
-            start = tokenizer.eos_token_id
-        ids = [start if start is not None else 0]
-    return [int(i) for i in ids]
-
-
-def _message(message: Message) -> dict[str, str]:
-    out = {"role": message.role, "content": message.text()}
-    if message.name:
-        out["name"] = message.name
-    return out
+    """The token ids of the request's prompt (never empty), built as training builds them
+    (:func:`yichui.ml.prompts.prompt_ids`); image parts are left out of the text."""
+    messages = [prompts.chat_message(m.role, m.text(), m.name) for m in request.messages]
+    return prompts.prompt_ids(
+        tokenizer, request.kind, messages=messages, prompt=request.prompt, model=request.model
+    )
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:
