@@ -36,14 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yichui.ml.loading import (
-    apply_adapter,
-    load_model,
-    load_tokenizer,
-    require_ml,
-    resolve_device,
-    resolve_dtype,
-)
+from yichui.ml import loading as ml
 
 log = logging.getLogger(__name__)
 
@@ -298,9 +291,9 @@ class ModelPool:
 
     def _resolve(self) -> tuple[str, str]:
         """The concrete device and dtype (``auto`` resolved: this imports torch)."""
-        require_ml("local inference", peft=False)
-        device = resolve_device(self.device)
-        return device, resolve_dtype(device, self.dtype)
+        ml.require_ml("local inference", peft=False)
+        device = ml.resolve_device(self.device)
+        return device, ml.resolve_dtype(device, self.dtype)
 
 
 def estimate_bytes(path: Path, element_size: int) -> int:
@@ -351,12 +344,12 @@ def _load_sync(
 ) -> tuple[Any, Any, int]:
     """Load tokenizer and model (in a worker thread), with a LoRA adapter merged in; return
     them and the weights' bytes. The adapter's tokenizer (its chat template) wins."""
-    require_ml("local inference", peft=adapter is not None)
-    tokenizer = load_tokenizer(path, name, adapter=adapter)
-    model = load_model(path, name, device=device, dtype=dtype)
+    ml.require_ml("local inference", peft=adapter is not None)
+    tokenizer = ml.load_tokenizer(path, name, adapter=adapter)
+    model = ml.load_model(path, name, device=device, dtype=dtype)
     if adapter is not None:
         # merged once at load: as fast per token as the base alone
-        model = apply_adapter(model, adapter, name, merge=True)
+        model = ml.apply_adapter(model, adapter, name, merge=True)
     model.eval()
     # parameters only (buffers such as rotary tables are tiny), as the estimate counts them
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
