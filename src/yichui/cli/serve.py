@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
 
 from yichui.runtime import Runtime
+from yichui.supervise import PARENT_GONE, Child, spawn
 
 
 def serve(
@@ -34,8 +35,13 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = ctx.find_root().params.get("config")
     extra = ["--config", str(config)] if config else []
-    children = [  # the same settings as ours: the same --config (and the same environment)
-        subprocess.Popen([sys.executable, "-m", "yichui.cli.main", *extra, "worker", "--quiet"])
+    # the same settings as ours: the same --config (and the same environment); if we die, even
+    # by SIGKILL or the OOM killer, each worker gets PARENT_GONE: it hands its tasks back, exits
+    children = [
+        spawn(
+            [sys.executable, "-m", "yichui.cli.main", *extra, "worker", "--quiet"],
+            death_signal=PARENT_GONE,
+        )
         for _ in range(workers)
     ]
     import uvicorn
@@ -61,14 +67,14 @@ def serve(
         _stop(children)
 
 
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM (they hand their tasks back), then SIGKILL after 15 s."""
+WORKER_STOP = 15.0
+"""Seconds a task worker gets to hand its tasks back and exit before its tree is SIGKILLed."""
+
+
+def _stop(children: list[Child]) -> None:
+    """SIGTERM all at once (they hand their tasks back), then SIGKILL of what is left."""
     for child in children:
-        if child.poll() is None:
-            child.terminate()
+        child.terminate()
+    deadline = time.monotonic() + WORKER_STOP
     for child in children:
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        child.stop(max(0.0, deadline - time.monotonic()))

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import time
+from types import FrameType
 from typing import Annotated
 
 import typer
 
+from yichui.backoff import Backoff
 from yichui.config import check_queue_name
 from yichui.errors import ConfigError, RedisUnavailableError
 from yichui.runtime import Runtime
+from yichui.supervise import PARENT_GONE
 
 log = logging.getLogger("yichui.worker")
 
 
+def _leave(signum: int, _frame: FrameType | None) -> None:
+    """Until the worker runs (it installs its own handlers) nothing is held: a SIGTERM, a
+    Ctrl-C or the parent's death just leaves, at once, even from inside a connection attempt to
+    a hung Redis."""
+    log.info("%s before the worker started: exiting", signal.Signals(signum).name)
+    sys.exit(0)  # SystemExit: not an Exception, so no retry loop on the way swallows it
+
+
 def _wait_for_redis(rt: Runtime) -> None:
     """Workers outlive Redis restarts, and may start before it: wait with backoff."""
-    delay, warned = 0.2, False
+    backoff, warned = Backoff(first=0.2, cap=5.0, jitter=0.0), False
     while True:
         try:
             rt.redis()
@@ -28,8 +41,7 @@ def _wait_for_redis(rt: Runtime) -> None:
             if not warned:
                 log.warning("%s; waiting for it (Ctrl-C to give up)", exc)
                 warned = True
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            time.sleep(backoff.next())
 
 
 def worker(
@@ -59,6 +71,8 @@ def worker(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
     )
+    for sig in (signal.SIGTERM, signal.SIGINT, PARENT_GONE):
+        signal.signal(sig, _leave)
     _wait_for_redis(rt)
     if queue is not None:
         try:

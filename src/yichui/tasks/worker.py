@@ -6,7 +6,13 @@ Threads of one worker::
     housekeeper   every ``heartbeat`` s: renew the leases of running tasks (and learn of
                   cancels and lost leases), requeue tasks whose lease lapsed on a dead worker,
                   promote retries whose backoff is over, redeliver orphaned stream entries
-    main          waits; on SIGTERM/SIGINT hands running tasks back to the queue at once
+    main          waits; on SIGTERM/SIGINT (or SIGHUP: the parent that started it died, see
+                  :mod:`yichui.supervise`) hands running tasks back to the queue at once
+
+Shutdown is bounded whatever Redis does: running tasks get ``grace`` seconds to finish or wind
+down (a training run its type's ``stop_grace`` to save a checkpoint), an idle slot one blocking
+read, and the hand-back and goodbye writes :data:`GOODBYE` seconds each; a write Redis did not
+take in time is left to the lease, which lapses.
 
 Delivery is at least once. The fencing token taken at claim guards every later write, so a
 worker that stalled past its lease cannot report, finish or acknowledge a task that another
@@ -18,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import re
 import secrets
 import signal
@@ -26,14 +31,17 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
+from yichui.backoff import Backoff
+from yichui.backoff import delay as jittered_delay
 from yichui.errors import StateError, TaskFailedError, YichuiError
 from yichui.state.codec import dumps
 from yichui.state.connection import REDIS_ERRORS, mask_password
 from yichui.state.task_store import Claim, TaskStore
+from yichui.supervise import PARENT_GONE
 from yichui.tasks.context import HandedBack, LeaseLost, TaskCancelled, TaskContext
 from yichui.tasks.types import TaskTypes
 
@@ -68,6 +76,16 @@ STALE_WORKER_MIN = 60.0
 """Seconds of silence (at least) before a worker's entry and consumer are dropped."""
 STALE_WORKER_SWEEP = 30.0
 """Seconds between two sweeps for dead workers, per worker."""
+GOODBYE = 3.0
+"""Seconds the hand-back, and then the housekeeper's last beat with the deregistration, may take
+at shutdown: past that Redis is taken to be unreachable and the leases are left to lapse."""
+
+T = TypeVar("T")
+
+
+class _Stopped(Exception):
+    """Redis failed while the worker was stopping: the work is left to the lease or the
+    redelivery of orphaned entries."""
 
 
 class Worker:
@@ -126,10 +144,15 @@ class Worker:
         """Work until stopped (or, in burst mode, until the queue is empty); -> outcome counts."""
         if self.burst:  # notice an empty queue quickly
             self.block_ms = min(self.block_ms, 100)
-        self._until_redis(lambda: self.store.ensure_group(self.queue))
         if install_signals and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            # before the first Redis call: a SIGTERM while Redis is still down stops us too
+            for sig in (signal.SIGTERM, signal.SIGINT, PARENT_GONE):
+                signal.signal(sig, self._on_signal)
+        try:
+            self._until_redis(lambda: self.store.ensure_group(self.queue))
+        except _Stopped:
+            log.info("worker %s: stopped before Redis was reachable", self.id)
+            return self.stats
         log.info("worker %s: queue %r, %d slot(s)", self.id, self.queue, self.concurrency)
         slots = [
             threading.Thread(target=self._slot, name=f"slot-{i}", daemon=True)
@@ -145,18 +168,43 @@ class Worker:
                     self._stop.set()
         finally:
             self._stop.set()
-            grace = self.grace
-            if self._hand_back_on_stop:
-                grace = max(grace, self.hand_back())
-            deadline = time.monotonic() + grace
-            for t in slots:
-                t.join(max(0.0, deadline - time.monotonic()))
-            self._halt.set()
-            keeper.join(self.heartbeat + 5)
-            with contextlib.suppress(*_ERRORS):
-                self.store.remove_worker(self.id, self.queue)
+            self._shut_down(slots, keeper)
         log.info("worker %s stopped: %s", self.id, dict(self.stats) or "no tasks")
         return self.stats
+
+    def _shut_down(self, slots: list[threading.Thread], keeper: threading.Thread) -> None:
+        grace = self.grace
+        if self._hand_back_on_stop:
+            grace = max(grace, self.hand_back())
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:  # running tasks finish or wind down
+            with self._lock:
+                if not self._inflight:
+                    break
+            time.sleep(0.05)
+        # an idle slot sees the stop once its blocking read returns; one stuck on a hung Redis
+        # (socket timeouts times retries) is a daemon thread, left behind
+        reads = min(deadline, time.monotonic() + self.block_ms / 1000 + 1.0)
+        for t in slots:
+            t.join(max(0.0, reads - time.monotonic()))
+        self._halt.set()
+        goodbye = time.monotonic() + GOODBYE
+        keeper.join(GOODBYE)
+        if not keeper.is_alive():  # its last beat went through: so may the goodbye
+            self._bounded(self._deregister, goodbye - time.monotonic())
+
+    def _deregister(self) -> None:
+        with contextlib.suppress(*_ERRORS):
+            self.store.remove_worker(self.id, self.queue)
+
+    @staticmethod
+    def _bounded(fn: Callable[[], None], timeout: float) -> None:
+        """``fn()`` (Redis writes that catch their own errors) for at most ``timeout`` s, in a
+        daemon thread: a hung Redis cannot hold up the shutdown."""
+        if timeout > 0:
+            t = threading.Thread(target=fn, name="goodbye", daemon=True)
+            t.start()
+            t.join(timeout)
 
     def stop(self, *, hand_back: bool = True) -> None:
         """Take no new work; with ``hand_back`` return running tasks to the queue at once."""
@@ -164,6 +212,12 @@ class Worker:
         self._stop.set()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == PARENT_GONE and signum not in (signal.SIGTERM, signal.SIGINT):
+            # the process that started us died; this may come several times: stop once
+            if not self._stop.is_set():
+                log.info("worker %s: parent gone, handing running tasks back", self.id)
+                self.stop(hand_back=True)
+            return
         self._signals += 1
         if self._signals > 1:
             log.warning("second signal: exiting now")
@@ -181,12 +235,20 @@ class Worker:
             self._handing_back = True
             active = list(self._active.values())
         longest = 0.0
+        now: list[TaskContext] = []
         for ctx in active:
             ctx.stop(HandedBack)
             if self._graceful(ctx):
                 longest = max(longest, self.types.get(ctx.type).stop_grace)
             else:
+                now.append(ctx)
+
+        def release_now() -> None:
+            for ctx in now:
                 self._release(ctx, "handed back")
+
+        if now:
+            self._bounded(release_now, GOODBYE)
         return longest
 
     def _graceful(self, ctx: TaskContext) -> bool:
@@ -218,16 +280,17 @@ class Worker:
             return False
 
     # -- Redis outages --------------------------------------------------------------------------
-    def _until_redis(self, fn: Any) -> Any:
-        delay = 0.1
+    def _until_redis(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried with backoff while Redis is down; :class:`_Stopped` once the worker
+        is stopping (nothing waits for a Redis that may not come back)."""
+        backoff = Backoff(first=0.1, cap=5.0)
         while True:
             try:
                 out = fn()
             except _ERRORS as exc:
                 self._down(exc)
-                if self._halt.wait(delay):
-                    raise
-                delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
+                if self._stop.wait(backoff.next()):
+                    raise _Stopped from exc
                 continue
             self._up()
             return out
@@ -244,22 +307,23 @@ class Worker:
 
     # -- slots ----------------------------------------------------------------------------------
     def _slot(self) -> None:
-        delay = 0.1
+        backoff = Backoff(first=0.1, cap=5.0)
         while not self._stop.is_set():
             try:
                 deliveries = self.store.read(self.queue, self.id, block_ms=self.block_ms)
                 self._up()
-                delay = 0.1
+                backoff.reset()
             except _ERRORS as exc:
                 self._down(exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
+                self._stop.wait(backoff.next())
                 continue
             for entry_id, task_id in deliveries:
                 with self._lock:
                     self._inflight += 1
                 try:
                     self._deliver(entry_id, task_id)
+                except _Stopped:  # the entry stays pending: redelivered as an orphan later
+                    return
                 finally:
                     with self._lock:
                         self._inflight -= 1
@@ -361,14 +425,13 @@ class Worker:
 
     def retry_delay(self, attempt: int) -> float:
         """Exponential backoff with ±50 % jitter, capped at ``backoff_max``."""
-        base = self.backoff * 2 ** (attempt - 1)
-        return float(min(self.backoff_max, base * random.uniform(0.5, 1.5)))
+        return jittered_delay(attempt, first=self.backoff, cap=self.backoff_max, jitter=0.5)
 
     def _finish(
         self, ctx: TaskContext, outcome: str, payload: Mapping[str, Any], delay: float
     ) -> None:
         progress = ctx.final_progress()
-        delay_r = 0.1
+        backoff = Backoff(first=0.1, cap=5.0)
         while True:
             if ctx.stopping is LeaseLost or (
                 ctx.stopping is HandedBack and not self._graceful(ctx)
@@ -389,8 +452,9 @@ class Worker:
                 break
             except _ERRORS as exc:  # keep the result until Redis takes it (or the lease goes)
                 self._down(exc)
-                time.sleep(delay_r)
-                delay_r = min(delay_r * 2, 5.0) * random.uniform(0.8, 1.2)
+                if self._halt.wait(backoff.next()):  # shut down before Redis came back
+                    self.stats["abandoned"] += 1
+                    return
         if ok:
             self.stats[outcome] += 1
             log.info(

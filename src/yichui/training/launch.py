@@ -7,6 +7,12 @@ hand-back writes a ``STOP`` file into the run folder: the processes notice it at
 (agreed on by every rank through one ``all_reduce``, so no rank is left waiting in a
 collective), save a checkpoint and exit; a lost lease kills them at once.
 
+The processes die with the worker, even when it is SIGKILLed: the launcher is SIGKILLed when
+the worker dies, and each rank (torchrun and accelerate start them in sessions of their own)
+ties itself to the launcher (see :mod:`yichui.supervise`). ms-swift's ``swift sft`` runs its
+trainer in a child of its own, which nothing ties: a stop in order or a lost lease kills it
+with its tree, a SIGKILLed worker can leave it running.
+
 Several nodes: the worker that runs the task is node 0; every other node runs the command the
 task prints into its log (the same ``torchrun`` line with its own ``--node_rank``). The run
 folder must be on storage every node sees.
@@ -31,6 +37,7 @@ from typing import Any
 
 from yichui.errors import TaskFailedError, TrainingError
 from yichui.models.targets import resolve_target
+from yichui.supervise import Child, spawn, spawned_pid, tie_to_parent
 from yichui.tasks.context import HandedBack, LeaseLost, TaskCancelled, TaskContext
 from yichui.training.args import TrainArgs
 from yichui.training.dataset import read_examples
@@ -166,21 +173,15 @@ def follow_process(
     log_file: Path | Callable[[], Path | None],
     parse: Parser,
 ) -> None:
-    """Run ``cmd`` (its own process group), turning ``log_file`` lines into progress and its
-    output into log lines, until it exits; cancel and hand-back ask it to stop (``STOP``)."""
+    """Run ``cmd`` (its own session, tied to this process), turning ``log_file`` lines into
+    progress and its output into log lines, until it exits; cancel and hand-back ask it to stop
+    (``STOP``)."""
     (run_dir / STOP_FILE).unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     out_path = run_dir / "launch.log"
     with open(out_path, "ab") as out:
         try:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=run_dir,
-                start_new_session=True,
-            )
+            proc = spawn(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
         except OSError as exc:  # the launcher is not installed on this worker
             raise TrainingError(f"cannot start {cmd[0]!r}: {exc.strerror or exc}") from exc
     offset, out_offset = 0, out_path.stat().st_size if out_path.exists() else 0
@@ -259,11 +260,8 @@ def _read_output(
     return offset + end
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+def _kill(proc: Child) -> None:
+    proc.kill_tree()  # the ranks too: they run in sessions of their own
 
 
 def _free_port() -> int:
@@ -400,6 +398,9 @@ def _newest(folder: Path, name: str) -> Path | None:
 # -- the training processes' side ------------------------------------------------------------------
 def _child_main(spec_path: str) -> None:
     """One training process (``python -m yichui.training.launch SPEC``), under torchrun."""
+    # first, before the slow imports: a rank whose launcher is gone has no one to report to
+    # (the task is reclaimed and resumed from the last checkpoint elsewhere)
+    tie_to_parent(signal.SIGKILL, parent=spawned_pid())
     import torch.distributed as dist
     from transformers import TrainerCallback
 
