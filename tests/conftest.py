@@ -10,8 +10,7 @@ import redis
 from tests.redis_proc import RedisProcess
 from yichui.config import Settings, load_settings
 from yichui.models.registry import ModelRegistry
-from yichui.models.status import LISTING_FIELDS
-from yichui.state.keys import Keys
+from yichui.runtime import Runtime
 from yichui.state.model_status import ModelStatusStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,18 +60,20 @@ def settings(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture
-def store(settings: Settings, redis_client: redis.Redis) -> ModelStatusStore:
-    return ModelStatusStore(
-        redis_client,
-        Keys(settings.namespace),
-        ttl=settings.model_status_ttl,
-        missing_ttl=settings.model_missing_ttl,
-        jitter=settings.ttl_jitter,
-        listing_fields=LISTING_FIELDS,
-    )
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    """The composition root on the test's settings: tests take their services from it."""
+    rt = Runtime(settings)
+    yield rt
+    rt.close()
 
 
 @pytest.fixture
-def registry(settings: Settings, store: ModelStatusStore) -> ModelRegistry:
+def store(runtime: Runtime) -> ModelStatusStore:
+    assert runtime.model_store is not None  # the test's Redis is up
+    return runtime.model_store
+
+
+@pytest.fixture
+def registry(settings: Settings, runtime: Runtime) -> ModelRegistry:
     settings.models_path.mkdir(parents=True, exist_ok=True)
-    return ModelRegistry(settings, store)
+    return runtime.registry

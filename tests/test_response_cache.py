@@ -12,7 +12,8 @@ import pytest
 
 from tests.redis_proc import RedisProcess, free_port
 from yichui.config import Settings, load_settings
-from yichui.inference.cache import Breaker, CacheStatus, CoalescedError, ResponseCache
+from yichui.errors import CoalescedError
+from yichui.inference.cache import Breaker, CacheStatus, ResponseCache
 from yichui.inference.cache_key import cache_key, is_deterministic, key_document
 from yichui.inference.engine import EngineRequest, GenerationParams, ImagePart, Message
 from yichui.state.connection import make_async_client, parse_redis_url
@@ -251,7 +252,7 @@ async def test_near_cache_answers_repeats_and_follows_clears(
     assert b.counts["near_hits"] == 1
     assert await a.clear(M) == 1  # published: b forgets its copy too
     for _ in range(50):
-        if not b._near:
+        if not b.near:
             break
         await asyncio.sleep(0.02)
     assert (await _ask(b, calls, "Lyon", delay=0))[1] == CacheStatus.MISS

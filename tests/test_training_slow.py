@@ -22,7 +22,6 @@ from yichui.config import Settings
 from yichui.models.importer import import_folder
 from yichui.runtime import Runtime
 from yichui.state.task_store import TERMINAL
-from yichui.training.service import TrainingService
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +41,7 @@ def _steps(run_dir: Path) -> list[int]:
 def test_sigkill_mid_training_resumes_from_the_checkpoint(harness: Harness, tmp_path: Path) -> None:
     h = harness
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(64))
-    t = TrainingService(h.rt).train(
+    t = h.rt.training.train(
         "tiny", data, output="tiny-ft", max_steps=150, save_steps=10, batch_size=2
     )
     run_dir = Path(t["run_dir"])
@@ -76,7 +75,7 @@ def test_torchrun_two_processes_cancel_and_resume(
 ) -> None:
     rt: Runtime = make_rt()
     build_tiny_model(rt.settings.models_path / "tiny")
-    svc = TrainingService(rt)
+    svc = rt.training
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(32))
     t = svc.train(
         "tiny", data, output="tiny-ddp", max_steps=400, save_steps=1000, batch_size=2,
@@ -109,7 +108,7 @@ def test_accelerate_two_processes(make_rt: Callable[..., Runtime], tmp_path: Pat
     rt: Runtime = make_rt(train_launcher="accelerate")
     build_tiny_model(rt.settings.models_path / "tiny")
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(8))
-    t = TrainingService(rt).train(
+    t = rt.training.train(
         "tiny", data, output="tiny-acc", max_steps=4, batch_size=2, nproc_per_node=2
     )
     assert run_burst(rt)["succeeded"] == 1
@@ -179,7 +178,7 @@ def test_real_model_train_merge_serve_evaluate(
     finally:
         server.stop()
 
-    first = TrainingService(rt).evaluate("smollm2-facts-merged", data, max_new_tokens=12)
+    first = rt.training.evaluate("smollm2-facts-merged", data, max_new_tokens=12)
     assert not first.cached
     assert run_burst(rt)["succeeded"] == 1
     report = rt.tasks.get(first.task["id"] if first.task else "")["result"]

@@ -35,7 +35,7 @@ def trt(make_rt: Callable[..., Runtime]) -> Runtime:
 
 @pytest.fixture
 def training(trt: Runtime) -> TrainingService:
-    return TrainingService(trt)
+    return trt.training
 
 
 @pytest.fixture

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     ``<data_dir>/models``."""
     redis_url: str | None = None
     """Redis to use. Unset: yichui starts (and reuses) its own redis-server under data_dir."""
+    cache_redis_url: str | None = None
+    """Redis for the response cache only (entries, coalescing locks, counters), so that the
+    cache can live on its own instance with its own memory policy (``allkeys-lru``) while
+    tasks and model status stay on ``redis_url``. Unset: the same Redis as ``redis_url``."""
     namespace: str = ""
     """Prefix for every key, so several deployments can share one Redis."""
 
@@ -189,6 +193,11 @@ class Settings(BaseSettings):
 
     default_model: str = DEFAULT_MODEL
 
+    extensions: list[str] = Field(default_factory=list)
+    """Python modules that add task types and engines through yichui's seams (a
+    ``task_types()`` and/or an ``engines(services)`` function; see ``docs/architecture.md``),
+    imported by every process at start."""
+
     @field_validator("namespace")
     @classmethod
     def _check_namespace(cls, value: str) -> str:
@@ -202,6 +211,14 @@ class Settings(BaseSettings):
         for digest in value:
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError("keys must be SHA-256 hex digests of the API keys, not the keys")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _check_extensions(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
+                raise ValueError(f"{name!r} is not a module name (a.b.c)")
         return value
 
     @field_validator("task_queue")

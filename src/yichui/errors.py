@@ -1,43 +1,52 @@
-"""Every exception yichui raises on purpose, in one tree.
+"""Every exception yichui raises on purpose, in one tree, with the HTTP status the API answers
+it with (``status``) and the exit code the CLI ends with (``exit_code``)::
 
-::
-
-    YichuiError
-    ├── ConfigError (ValueError)              bad settings or config file
-    ├── MissingExtraError (ImportError)       an optional extra (ml, hub) is not installed
-    ├── StateError                            the state layer (Redis)
-    │   ├── RedisUnavailableError (ConnectionError)
-    │   └── EmbeddedRedisError                the private redis-server could not start/stop
-    ├── ModelError                            anything about one model (has ``name``)
-    │   ├── InvalidModelNameError (ValueError)
-    │   ├── ModelNotFoundError (LookupError)
-    │   ├── ModelBusyError (TimeoutError)     another process holds the model's lock too long
-    │   ├── SourceError                       a hub, mirror or file we pull from
-    │   │   ├── SourceNotFoundError (LookupError)
-    │   │   └── SourceUnavailableError (ConnectionError)
-    │   ├── DownloadError (OSError)           disk full, permission denied, interrupted
-    │   └── ModelLoadError                    a model's files cannot be loaded (API: 500)
-    ├── TaskError                             the task engine (has ``task_id``)
-    │   ├── UnknownTaskTypeError (ValueError)
-    │   ├── InvalidTaskArgsError (ValueError) arguments that do not fit the task type
-    │   ├── TaskNotFoundError (LookupError)   no such task (never queued, or expired)
-    │   ├── TaskConflictError (ValueError)    an id reused with other arguments
-    │   ├── TaskStateError                    not allowed in the task's state (retry a running one)
-    │   └── TaskFailedError                   raised by task code to fail on purpose
-    ├── TrainingError                         fine-tuning, merging, evaluation
-    │   └── DatasetError (ValueError)         a JSONL dataset that is missing or malformed
-    └── InferenceError                        running a model
-        ├── UpstreamError                     an upstream server failed (has ``status``, ``body``)
-        ├── ImagesNotAcceptedError (ValueError)  image parts for a text-only model
-        └── ChatTemplateError (ValueError)    the chat template refused the messages (API: 400)
+    YichuiError                                       500
+    ├── ConfigError (ValueError)                      500  bad settings or config file
+    ├── MissingExtraError (ImportError)               501  an optional extra (ml, hub) is missing
+    ├── RequestError                                  400  a request the API refuses (``param``,
+    │   │                                                  ``code``; any 4xx as ``status``)
+    │   └── AuthenticationError                       401  no API key, or an unknown one
+    ├── ClientError                                   502  `yichui chat`: the server failed us
+    ├── StateError                                    503  the state layer (Redis)
+    │   ├── RedisUnavailableError (ConnectionError)   503
+    │   └── EmbeddedRedisError                        503  the private redis-server failed
+    ├── ModelError                                    500  anything about one model (``name``)
+    │   ├── InvalidModelNameError (ValueError)        400
+    │   ├── ModelNotFoundError (LookupError)          404
+    │   ├── ModelKindError (ValueError)               400  base@adapter with the parts swapped
+    │   ├── ModelBusyError (TimeoutError)             409  another process holds its lock
+    │   ├── SourceError                               502  a hub, mirror or file we pull from
+    │   │   ├── SourceNotFoundError (LookupError)     404
+    │   │   └── SourceUnavailableError (ConnectionError) 503
+    │   ├── DownloadError (OSError)                   500  disk full, permission denied
+    │   └── ModelLoadError                            500  a model's files cannot be loaded
+    ├── TaskError                                     500  the task engine (``task_id``)
+    │   ├── UnknownTaskTypeError (ValueError)         400
+    │   ├── InvalidTaskArgsError (ValueError)         400  arguments that do not fit the type
+    │   ├── TaskNotFoundError (LookupError)           404  never queued, or expired
+    │   ├── TaskConflictError (ValueError)            409  an id reused with other arguments
+    │   ├── TaskStateError                            409  not allowed in the task's state
+    │   └── TaskFailedError                           500  raised by task code to fail on purpose
+    ├── TrainingError                                 400  fine-tuning, merging, evaluation
+    │   └── DatasetError (ValueError)                 400  a JSONL dataset missing or malformed
+    └── InferenceError                                500  running a model
+        ├── UpstreamError                         502/504  an upstream failed (``status`` and
+        │                                                  ``body`` per instance; its 4xx as is)
+        ├── CoalescedError                        (its)    the computation we waited for failed
+        ├── ImagesNotAcceptedError (ValueError)       400  image parts for a text-only model
+        └── ChatTemplateError (ValueError)            400  the chat template refused the messages
 
 Each error carries structured fields and an optional ``hint`` telling the user what to do
-next; the CLI and the API translate them once, at their edge. ``retryable`` tells the task
+next; the CLI and the API translate them once, at their edge (the API by looking up
+``status``, ``code`` and ``param``: no ``isinstance`` chain). An exception that is not in this
+tree is a bug: the API answers it with a generic 500 and logs it. ``retryable`` tells the task
 engine whether running the same task again could succeed: bad input never will.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -45,6 +54,14 @@ class YichuiError(Exception):
     """Root of every error yichui raises on purpose."""
 
     exit_code: int = 1
+    status: int = 500
+    """The HTTP status the API answers with."""
+    code: str | None = None
+    """OpenAI's machine-readable ``error.code`` (``model_not_found``, …)."""
+    param: str | None = None
+    """The request field at fault (``messages.0.content.1.image_url.url``), where known."""
+    body: dict[str, Any] | None = None
+    """An OpenAI error body the API answers with as it is (an upstream's own 4xx)."""
     retryable: bool = True
     """Whether a task that failed with this error is worth another attempt."""
 
@@ -52,6 +69,12 @@ class YichuiError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    @property
+    def api_message(self) -> str:
+        """The message an API client reads (the same as the CLI's, unless a class words it
+        the way OpenAI's API does)."""
+        return self.message
 
     def __str__(self) -> str:
         return self.message
@@ -67,6 +90,8 @@ class ConfigError(YichuiError, ValueError):
 class MissingExtraError(YichuiError, ImportError):
     """An optional dependency group is needed but not installed."""
 
+    status = 501
+
     def __init__(self, extra: str, feature: str) -> None:
         super().__init__(
             f"{feature} needs the optional '{extra}' extra",
@@ -75,8 +100,48 @@ class MissingExtraError(YichuiError, ImportError):
         self.extra = extra
 
 
+class RequestError(YichuiError):
+    """A request the API refuses, with its 4xx ``status``, the ``param`` at fault and a
+    ``code``::
+
+        raise RequestError("image data URL is not valid base64", param="messages.0.content.1")
+    """
+
+    exit_code = 2
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+class AuthenticationError(RequestError):
+    """No API key, or one nobody issued."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=401, code="invalid_api_key")
+
+
+class ClientError(YichuiError):
+    """A yichui server could not be reached or refused a request of the CLI."""
+
+    status = 502
+
+
 class StateError(YichuiError):
     """The state layer (Redis) failed."""
+
+    status = 503
 
 
 class RedisUnavailableError(StateError, ConnectionError):
@@ -107,6 +172,7 @@ class InvalidModelNameError(ModelError, ValueError):
     """A model name that is malformed or unsafe to map onto the disk."""
 
     exit_code = 2
+    status = 400
     retryable = False
 
     def __init__(self, name: str, reason: str) -> None:
@@ -117,6 +183,9 @@ class InvalidModelNameError(ModelError, ValueError):
 class ModelNotFoundError(ModelError, LookupError):
     """No such model in the models root."""
 
+    status = 404
+    code = "model_not_found"
+    param = "model"
     retryable = False
 
     def __init__(self, name: str) -> None:
@@ -126,13 +195,30 @@ class ModelNotFoundError(ModelError, LookupError):
             hint="see `yichui models list`, or fetch it with `yichui models pull`",
         )
 
+    @property
+    def api_message(self) -> str:
+        return f"The model '{self.name}' does not exist"
+
+
+class ModelKindError(ModelError, ValueError):
+    """A model used as what it is not: an adapter as a base model, or a full model after the
+    ``@`` of ``base@adapter``."""
+
+    exit_code = 2
+    status = 400
+    retryable = False
+
 
 class ModelBusyError(ModelError, TimeoutError):
     """Another process kept the model's lock past our wait."""
 
+    status = 409
+
 
 class SourceError(ModelError):
     """A model source (hub, mirror folder, GGUF file) failed."""
+
+    status = 502
 
     def __init__(self, message: str, *, name: str, source: str, hint: str | None = None) -> None:
         super().__init__(message, name=name, hint=hint)
@@ -142,11 +228,14 @@ class SourceError(ModelError):
 class SourceNotFoundError(SourceError, LookupError):
     """The source has no such repository, revision or file."""
 
+    status = 404
     retryable = False
 
 
 class SourceUnavailableError(SourceError, ConnectionError):
     """The source cannot be reached (offline, network down, SDK missing)."""
+
+    status = 503
 
 
 class DownloadError(ModelError, OSError):
@@ -165,6 +254,7 @@ class UnknownTaskTypeError(TaskError, ValueError):
     """No task type of that name is registered."""
 
     exit_code = 2
+    status = 400
     retryable = False
 
     def __init__(self, type_: str, known: list[str]) -> None:
@@ -178,11 +268,14 @@ class InvalidTaskArgsError(TaskError, ValueError):
     """The arguments do not fit the task type (checked before anything is queued)."""
 
     exit_code = 2
+    status = 400
     retryable = False
 
 
 class TaskNotFoundError(TaskError, LookupError):
     """No such task: never queued, or finished longer ago than ``task_ttl``."""
+
+    status = 404
 
     def __init__(self, task_id: str) -> None:
         super().__init__(
@@ -196,11 +289,14 @@ class TaskConflictError(TaskError, ValueError):
     """A client-supplied id is already taken by a task of another type or arguments."""
 
     exit_code = 2
+    status = 409
     retryable = False
 
 
 class TaskStateError(TaskError):
     """The operation is not allowed in the task's current state."""
+
+    status = 409
 
 
 class TaskFailedError(TaskError):
@@ -214,6 +310,7 @@ class TaskFailedError(TaskError):
 class TrainingError(YichuiError):
     """Fine-tuning, merging or evaluation cannot go on (QLoRA without a GPU, a bad adapter)."""
 
+    status = 400
     retryable = False
 
 
@@ -261,10 +358,28 @@ class UpstreamError(InferenceError):
         self.retryable = status >= 500
 
 
+class CoalescedError(InferenceError):
+    """The computation this request waited for (another request's, in this process or
+    another) failed. ``error`` is what it failed with: its ``status``, the OpenAI error ``body``
+    and a ``message``; the waiter answers with that same status and body."""
+
+    def __init__(self, error: Mapping[str, Any] | None) -> None:
+        self.error: dict[str, Any] = dict(error or {})
+        super().__init__(str(self.error.get("message") or "the computation failed"))
+        self.status = int(self.error.get("status") or 502)
+        self.param = self.error.get("param")
+        self.code = self.error.get("code")
+        self.retryable = self.status >= 500
+        body = self.error.get("body")
+        self.body = body if isinstance(body, dict) and "error" in body else None
+
+
 class ImagesNotAcceptedError(InferenceError, ValueError):
     """The request has image parts but the route's model does not take images."""
 
     exit_code = 2
+    status = 400
+    param = "messages"
     retryable = False
 
     def __init__(self, model: str) -> None:
@@ -276,10 +391,8 @@ class ImagesNotAcceptedError(InferenceError, ValueError):
 
 
 class ModelLoadError(ModelError):
-    """A model's files could not be loaded (broken config, missing weights, out of memory)."""
-
-    status = 500
-    """What the API answers with (its message, rather than a bare "internal error")."""
+    """A model's files could not be loaded (broken config, missing weights, out of memory):
+    answered 500 with its message, rather than a bare "internal error"."""
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(
@@ -295,8 +408,27 @@ class ChatTemplateError(InferenceError, ValueError):
     request, answered 400."""
 
     exit_code = 2
+    status = 400
+    param = "messages"
     retryable = False
 
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(f"the chat template of model {model!r} refused the messages: {reason}")
         self.model = model
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    """``exc`` as the API answers it, for passing it on (to requests that waited for the same
+    answer, maybe in another process): ``status``, ``message``, ``param``, ``code`` and, where
+    the error is answered with a body as it is, ``body``. An error that is not ours is
+    described without its text (it may hold anything)."""
+    if not isinstance(exc, YichuiError):
+        return {"status": 500, "message": "internal error"}
+    out: dict[str, Any] = {"status": exc.status, "message": exc.api_message}
+    if exc.param is not None:
+        out["param"] = exc.param
+    if exc.code is not None:
+        out["code"] = exc.code
+    if exc.body is not None:
+        out["body"] = exc.body
+    return out

@@ -8,7 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from yichui.api.errors import APIError
+from yichui.api.deps import SettingsDep
+from yichui.errors import AuthenticationError
 
 LOCAL_TENANT = "local"
 """The one tenant of local mode (no API keys configured)."""
@@ -19,35 +20,36 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def bearer_token(header: str) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header; None when it carries none."""
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
 def tenant_for(keys: dict[str, str], header: str) -> str | None:
     """The tenant an ``Authorization`` header belongs to; None when it names none."""
     if not keys:
         return LOCAL_TENANT
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = bearer_token(header)
+    if key is None:
         return None
-    digest = hash_key(key.strip())
+    digest = hash_key(key)
     for known, tenant in keys.items():
         if hmac.compare_digest(known, digest):
             return tenant
     return None
 
 
-async def tenant_of(request: Request) -> str:
-    keys: dict[str, str] = request.app.state.settings.api_keys
-    if not keys:
-        return LOCAL_TENANT
+async def tenant_of(request: Request, settings: SettingsDep) -> str:
+    """The request's tenant; 401 without a key, or with one nobody issued."""
     header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(
-            401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-        )
-    digest = hash_key(key.strip())
-    for known, tenant in keys.items():
-        if hmac.compare_digest(known, digest):
-            return tenant
-    raise APIError(401, "invalid API key", code="invalid_api_key")
+    tenant = tenant_for(settings.api_keys, header)
+    if tenant is not None:
+        return tenant
+    if bearer_token(header) is None:
+        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+    raise AuthenticationError("invalid API key")
 
 
 TenantDep = Annotated[str, Depends(tenant_of)]

@@ -3,8 +3,10 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "messages.0",
                "code": "model_not_found"}}
 
-Translated once, here, from yichui's exception tree, FastAPI's validation errors and HTTP
-errors. A 5xx never carries a traceback.
+Translated once, here, from yichui's exception tree (each class carries its ``status``, ``code``
+and ``param``: see :mod:`yichui.errors`), FastAPI's validation errors and HTTP errors. An
+exception that is not ours is a bug: a 500 with a generic message, logged with its traceback.
+A 5xx never carries a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from yichui.errors import ModelNotFoundError, YichuiError
+from yichui.errors import YichuiError
 
 log = logging.getLogger("yichui.api")
 
@@ -31,19 +33,6 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
-
-
-class APIError(Exception):
-    """An error with its HTTP status, raised anywhere below the routes."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
 
 
 def error_body(
@@ -71,23 +60,16 @@ def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 
 def translate(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """Status and OpenAI error body for any exception (used by handlers and streams)."""
-    if isinstance(exc, APIError):
-        return exc.status, error_body(exc.status, exc.message, param=exc.param, code=exc.code)
-    if isinstance(exc, ModelNotFoundError):
-        return 404, error_body(
-            404, f"The model '{exc.name}' does not exist", param="model", code="model_not_found"
-        )
-    status = getattr(exc, "status", None)
-    if isinstance(exc, YichuiError) and isinstance(status, int):  # upstream errors
-        body = getattr(exc, "body", None)
-        if isinstance(body, dict) and "error" in body and 400 <= status < 500:
-            return status, body
-        return status, error_body(status, exc.message)
-    if isinstance(exc, ValueError):  # bad input found below the schema (images, …)
-        return 400, error_body(400, str(exc))
-    log.exception("unexpected error", exc_info=exc)
-    return 500, error_body(500, f"internal error ({type(exc).__name__})")
+    """Status and OpenAI error body for any exception (used by handlers and streams): ours
+    carry both on their class; anything else is a bug, answered 500 without its text."""
+    if isinstance(exc, YichuiError):
+        # a body given as it is (an upstream's own 4xx, the error a coalesced leader answered)
+        body = exc.body or error_body(exc.status, exc.api_message, param=exc.param, code=exc.code)
+        if exc.status >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        return exc.status, body
+    log.error("unexpected error", exc_info=exc)
+    return 500, error_body(500, "internal error")
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -108,7 +90,7 @@ def install_handlers(app: FastAPI) -> None:
         status, body = translate(exc)
         return JSONResponse(body, status_code=status)
 
-    # expected errors by class: answered here, not re-raised the way the catch-all is
-    for cls in (APIError, YichuiError, ValueError):
-        app.add_exception_handler(cls, _translated)
+    # ours are answered here; the catch-all (a bug) is answered too, then re-raised by
+    # Starlette's server-error middleware so that it is logged with its traceback
+    app.add_exception_handler(YichuiError, _translated)
     app.add_exception_handler(Exception, _translated)

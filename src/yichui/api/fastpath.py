@@ -3,7 +3,8 @@ answered from memory before any parsing or validation.
 
 Its identity is the SHA-256 of the tenant, the path, the cache headers and the raw body. The
 first time such a request goes the normal way (validation, model resolution, the canonical
-key); ``Serving`` remembers which cache key it resolved to. Afterwards, while the near cache
+key), and this middleware tells the inference service which cache key its whole JSON answer
+carried (``x-yichui-cache-key``). Afterwards, while the near cache
 holds that key's answer, the same bytes get it straight away with ``x-yichui-cache: hit``. A
 changed model forgets every remembered digest, a store or a clear drops the answer, and
 ``no-cache`` requests never take this path, so it serves nothing the normal path would not.
@@ -13,20 +14,26 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from yichui.api.auth import tenant_for
-from yichui.api.errors import APIError
-from yichui.api.openai.serving import CACHE_HEADER, KEY_HEADER, CachePolicy
+from yichui.api.openai.serving import CACHE_HEADER, KEY_HEADER
+from yichui.errors import RequestError
+from yichui.inference.service import CachePolicy
+from yichui.runtime.serving import ServingServices
 
 PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_CACHE = CACHE_HEADER.encode()
+_KEY = KEY_HEADER.encode()
 
 
 class HitFastPath:
-    def __init__(self, app: ASGIApp) -> None:
+    """The middleware; ``services`` are the app's (started by its lifespan)."""
+
+    def __init__(self, app: ASGIApp, *, services: ServingServices) -> None:
         self.app = app
+        self.services = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
@@ -47,18 +54,44 @@ class HitFastPath:
             for k, v in scope.get("headers", [])
             if k in (b"authorization", b"cache-control", b"x-yichui-cache-policy")
         }
-        state: Any = getattr(scope.get("app"), "state", None)
-        serving = getattr(state, "serving", None)
-        if serving is not None and "no-cache" not in headers.get(b"cache-control", "").lower():
-            tenant = tenant_for(state.settings.api_keys, headers.get(b"authorization", ""))
-            if tenant is not None:
-                digest = _digest(scope["path"], tenant, headers, body)
-                scope["yichui.request_digest"] = digest
-                answered = await _answer(serving, digest, headers, send)
-                if answered:
-                    return
         replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
-        await self.app(scope, _replay(replay, receive), send)
+        if "no-cache" in headers.get(b"cache-control", "").lower():
+            await self.app(scope, _replay(replay, receive), send)
+            return
+        tenant = tenant_for(self.services.settings.api_keys, headers.get(b"authorization", ""))
+        if tenant is None:  # the normal path answers 401
+            await self.app(scope, _replay(replay, receive), send)
+            return
+        digest = _digest(scope["path"], tenant, headers, body)
+        if await self._answer(digest, headers, send):
+            return
+        await self.app(scope, _replay(replay, receive), self._remembering(digest, send))
+
+    async def _answer(self, digest: str, headers: dict[bytes, str], send: Send) -> bool:
+        try:
+            max_age = CachePolicy.from_headers(headers.get(b"cache-control"), None).max_age
+        except RequestError:
+            return False  # the normal path answers the error
+        hit = self.services.inference.fast_hit(digest, max_age)
+        if hit is None:
+            return False
+        key, body = hit
+        await send_json(send, 200, body, [(_CACHE, b"hit"), (_KEY, key.encode())])
+        return True
+
+    def _remembering(self, digest: str, send: Send) -> Send:
+        """``send``, noting which cache key a whole JSON answer to these bytes had."""
+        inference = self.services.inference
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                found = dict(message.get("headers", ()))
+                key = found.get(_KEY)
+                if key and found.get(b"content-type") == b"application/json":
+                    inference.remember(digest, key.decode())
+            await send(message)
+
+        return sending
 
 
 def _digest(path: str, tenant: str, headers: dict[bytes, str], body: bytes) -> str:
@@ -73,21 +106,6 @@ def _digest(path: str, tenant: str, headers: dict[bytes, str], body: bytes) -> s
         h.update(b"\0")
     h.update(body)
     return h.hexdigest()
-
-
-async def _answer(serving: Any, digest: str, headers: dict[bytes, str], send: Send) -> bool:
-    try:
-        max_age = CachePolicy.from_headers(headers.get(b"cache-control"), None).max_age
-    except APIError:
-        return False  # the normal path answers the error
-    hit = serving.fast_hit(digest, max_age)
-    if hit is None:
-        return False
-    key, body = hit
-    await send_json(
-        send, 200, body, [(CACHE_HEADER.encode(), b"hit"), (KEY_HEADER.encode(), key.encode())]
-    )
-    return True
 
 
 async def send_json(

@@ -9,7 +9,7 @@ import typer
 
 from yichui.cli.output import JsonOpt, console, print_json
 from yichui.runtime import Runtime
-from yichui.state.connection import make_async_client
+from yichui.runtime.serving import cache_store
 from yichui.state.response_store import ResponseStore
 
 app = typer.Typer(help="The response cache: counters, entries, clearing.", no_args_is_help=True)
@@ -17,14 +17,10 @@ app = typer.Typer(help="The response cache: counters, entries, clearing.", no_ar
 
 def _run(ctx: typer.Context, fn: Any) -> Any:
     rt: Runtime = ctx.obj
-    _, target = rt.redis()  # one line and exit 1 when Redis is unreachable
 
     async def go() -> Any:
-        client = make_async_client(target, rt.settings)
-        try:
-            return await fn(ResponseStore(client, rt.keys))
-        finally:
-            await client.aclose()
+        async with cache_store(rt) as store:  # one line and exit 1 when Redis is unreachable
+            return await fn(store)
 
     return asyncio.run(go())
 

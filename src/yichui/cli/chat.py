@@ -10,12 +10,8 @@ import orjson
 import typer
 
 from yichui.cli.output import err_console
-from yichui.errors import YichuiError
+from yichui.errors import ClientError
 from yichui.runtime import Runtime
-
-
-class ChatError(YichuiError):
-    """The server could not be reached or refused the request."""
 
 
 def chat(
@@ -68,19 +64,19 @@ def chat(
                     message = resp.json()["error"]["message"]
                 except (ValueError, KeyError, TypeError):
                     message = resp.text[:200]
-                raise ChatError(f"{resp.status_code}: {message}")
+                raise ClientError(f"{resp.status_code}: {message}")
             cache = resp.headers.get("x-yichui-cache", "?")
             for line in resp.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = orjson.loads(line[6:])
                 if "error" in event:
-                    raise ChatError(event["error"].get("message", "the stream failed"))
+                    raise ClientError(event["error"].get("message", "the stream failed"))
                 for choice in event.get("choices", []):
                     sys.stdout.write(choice.get("delta", {}).get("content") or "")
                     sys.stdout.flush()
     except httpx.ConnectError:
-        raise ChatError(
+        raise ClientError(
             f"no yichui server at {base}", hint="start one with `yichui serve`"
         ) from None
     sys.stdout.write("\n")

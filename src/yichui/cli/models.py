@@ -31,7 +31,6 @@ from yichui.errors import ModelNotFoundError, YichuiError
 from yichui.models.importer import bundled_gguf, import_path
 from yichui.models.names import validate_name
 from yichui.models.pull import pull_model
-from yichui.models.sources import get_source
 from yichui.models.sources.base import ProgressFn, PullSpec
 from yichui.runtime import Runtime
 
@@ -193,7 +192,7 @@ def pull(
             console.print(f"{task['id']}: download of {name} queued", highlight=False)
             err_console.print(f"watch it with: yichui tasks watch {task['id']}", highlight=False)
         return
-    src = get_source(source, rt.settings)
+    src = rt.sources.get(source)
     spec = PullSpec(
         repo=validate_name(repo or name),
         revision=revision,

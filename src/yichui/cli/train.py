@@ -25,7 +25,7 @@ ReplaceOpt = Annotated[bool, typer.Option("--replace", help="Replace a model of 
 
 def _svc(ctx: typer.Context) -> tuple[Runtime, TrainingService]:
     rt: Runtime = ctx.obj
-    return rt, TrainingService(rt)
+    return rt, rt.training
 
 
 def _queued(rt: Runtime, t: dict[str, Any], *, wait: bool, json: bool, what: str) -> None:

@@ -1,18 +1,19 @@
 """The response cache: hits, coalescing of concurrent misses, and failing open.
 
-One request goes through a :class:`CacheSession`::
+A computation goes through a :class:`CacheSession`::
 
     async with cache.session(model, key) as s:
-        if s.body is not None:          # hit, or coalesced onto another request's answer
+        if s.body is not None:          # hit, or another process's answer that we waited for
             return s.body, s.status     # the response body, as stored: JSON bytes
         body = await compute()          # we are the one computing it (or the cache is off)
         await s.commit(body)            # store it, wake whoever waits for it
 
-**Coalescing.** Identical misses in one process wait on one asyncio future; across processes
-and hosts, the first takes a lock in Redis (``SET NX PX``, renewed while it computes) and the
-others wait for its "done" event (pub/sub, with polling as a fallback), then read the stored
-answer. If the computation fails, the waiters get its error, which is not stored. A waiter
-gives up after ``wait`` seconds and computes the answer itself.
+**Coalescing.** Across processes and hosts, the first session takes a lock in Redis (``SET NX
+PX``, renewed while it computes) and the others wait for its "done" event (pub/sub, with
+polling as a fallback), then read the stored answer. If the computation fails, the waiters get
+its error, which is not stored. A waiter gives up after ``wait`` seconds and computes the answer
+itself. Within one process, identical requests share one computation before they get here: the
+inference service's flights (:mod:`yichui.inference.service`).
 
 **Near cache.** Each process keeps the bodies it served or stored lately in memory for up to
 ``near_ttl`` seconds (bounded by ``near_bytes``), so a repeated hit does not even reach Redis.
@@ -30,14 +31,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import random
+import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from yichui.backoff import Backoff
+from yichui.errors import CoalescedError, describe_error
+from yichui.inference.breaker import Breaker
+from yichui.inference.near import NearCache
 from yichui.state.connection import REDIS_ERRORS
 from yichui.state.response_store import ResponseStore
 
@@ -55,56 +62,6 @@ class CacheStatus(enum.StrEnum):
     MISS = "miss"
     COALESCED = "coalesced"
     BYPASS = "bypass"
-
-
-class CoalescedError(Exception):
-    """The computation this request waited for failed; ``error`` is what it failed with."""
-
-    def __init__(self, error: Mapping[str, Any] | None) -> None:
-        super().__init__(str((error or {}).get("message", "the computation failed")))
-        self.error = dict(error or {})
-
-
-class Breaker:
-    """Consecutive-failure circuit breaker (closed -> open -> half-open probe -> closed)."""
-
-    def __init__(self, *, threshold: int = 3, cooldown: float = 5.0) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self.opened_at: float | None = None
-        self._probing = False
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if time.monotonic() - self.opened_at >= self.cooldown else "open"
-
-    def allow(self) -> bool:
-        """Whether to try Redis now (one probe at a time once the cooldown is over)."""
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half-open" and not self._probing:
-            self._probing = True
-            return True
-        return False
-
-    def release(self) -> None:
-        """A probe that ended neither way (cancelled): let the next request probe."""
-        self._probing = False
-
-    def success(self) -> None:
-        self.failures, self.opened_at, self._probing = 0, None, False
-
-    def failure(self) -> None:
-        self.failures += 1
-        self._probing = False
-        if self.failures >= self.threshold:
-            if self.opened_at is None:
-                log.warning("response cache: Redis failing, bypassing it for %.0fs", self.cooldown)
-            self.opened_at = time.monotonic()
 
 
 class ResponseCache:
@@ -125,10 +82,7 @@ class ResponseCache:
     ) -> None:
         self.store = store
         self.near_ttl = near_ttl
-        self.near_bytes = near_bytes
-        self._near: OrderedDict[str, tuple[float, float, str, bytes]] = OrderedDict()
-        """key -> (expires, monotonic; created, wall clock; model; body), oldest first."""
-        self._near_size = 0
+        self.near = NearCache(ttl=near_ttl, max_bytes=near_bytes)
         self.ttl_for = ttl_for
         self.jitter = jitter
         self.timeout = timeout
@@ -137,8 +91,8 @@ class ResponseCache:
         self.breaker = breaker or Breaker()
         self.counts: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
-        self._local: dict[str, asyncio.Future[bytes]] = {}
         self._remote: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        """Key -> futures of the sessions waiting for another process's answer to it."""
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -184,50 +138,33 @@ class ResponseCache:
 
     async def clear(self, model: str | None = None) -> int:
         """Delete the stored entries (of one model) everywhere -> entries deleted in Redis."""
-        self.near_drop(model=model, everything=True)
+        self.near.drop_model(model)
         return await self.store.clear(model) if self.store is not None else 0
-
-    # -- near cache -----------------------------------------------------------------------------
-    def near_get(self, key: str, max_age: float | None) -> bytes | None:
-        entry = self._near.get(key)
-        if entry is None:
-            return None
-        expires, created, _model, body = entry
-        if expires < time.monotonic() or (max_age is not None and time.time() - created > max_age):
-            self.near_drop(key)
-            return None
-        self._near.move_to_end(key)
-        return body
-
-    def near_put(self, key: str, model: str, body: bytes, created: float, ttl: float) -> None:
-        if self.near_ttl <= 0 or len(body) > self.near_bytes // 8:
-            return
-        self.near_drop(key)
-        self._near[key] = (time.monotonic() + min(self.near_ttl, ttl), created, model, body)
-        self._near_size += len(body)
-        while self._near_size > self.near_bytes and self._near:
-            _, (_, _, _, old) = self._near.popitem(last=False)
-            self._near_size -= len(old)
-
-    def near_drop(
-        self, key: str | None = None, *, model: str | None = None, everything: bool = False
-    ) -> None:
-        """Forget one key, one model's entries, or (``everything``) all of them."""
-        if key is not None:
-            entry = self._near.pop(key, None)
-            if entry is not None:
-                self._near_size -= len(entry[3])
-            return
-        if everything and model is None:
-            self._near.clear()
-            self._near_size = 0
-            return
-        for k in [k for k, e in self._near.items() if e[2] == model]:
-            self.near_drop(k)
 
     def ttl(self, model: str) -> int:
         base = self.ttl_for(model)
         return max(1, round(base * (1.0 + random.uniform(-self.jitter, self.jitter))))
+
+    async def lookup(self, model: str, key: str, max_age: float | None = None) -> bytes | None:
+        """The stored answer (near cache first, then Redis), counted as a hit; None on a miss,
+        a fault or an entry older than ``max_age`` seconds (which is then recomputed)."""
+        near = self.near.get(key, max_age)
+        if near is not None:
+            self.count("hit")
+            self.count("near_hits")
+            return near
+        store = self.store
+        if store is None or self.breaker.state == "open":
+            return None
+        ok, entry = await self._call(lambda: store.get(model, key))
+        if not ok or entry is None:
+            return None
+        created = float(entry[0].get("created", 0))
+        if max_age is not None and time.time() - created > max_age:
+            return None
+        self.near.put(key, model, entry[1], created, self.near_ttl)
+        self.count("hit")
+        return entry[1]
 
     def session(
         self,
@@ -237,22 +174,26 @@ class ResponseCache:
         refresh: bool = False,
         store: bool = True,
         max_age: float | None = None,
+        looked_up: bool = False,
     ) -> CacheSession:
-        """A request's way through the cache (see the module docstring)."""
-        return CacheSession(self, model, key, refresh=refresh, store=store, max_age=max_age)
+        """One computation's way through the cache (see :class:`CacheSession`); ``looked_up``:
+        :meth:`lookup` just missed, so the session starts at the lock."""
+        return CacheSession(
+            self, model, key, refresh=refresh, store=store, max_age=max_age, looked_up=looked_up
+        )
 
     # -- waiting on other processes ------------------------------------------------------------
     async def _listen(self) -> None:
         assert self.store is not None
-        delay = 0.5
+        backoff = Backoff(first=0.5, cap=10.0)
         while True:
             try:
                 async for event in self.store.events():
-                    delay = 0.5
+                    backoff.reset()
                     if "clear" in event:
-                        self.near_drop(model=event["clear"] or None, everything=True)
+                        self.near.drop_model(event["clear"] or None)
                         continue
-                    self.near_drop(str(event.get("key")))
+                    self.near.drop(str(event.get("key")))
                     for fut in self._remote.pop(str(event.get("key")), []):
                         if not fut.done():
                             fut.set_result(event)
@@ -260,8 +201,7 @@ class ResponseCache:
                 raise
             except Exception as exc:  # Redis down: waiters fall back to polling meanwhile
                 log.debug("response cache listener: %r", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            await backoff.sleep()
 
     async def _flush_stats(self) -> None:
         while True:
@@ -277,9 +217,18 @@ class ResponseCache:
         await self._call(lambda: store.add_stats(counts))
 
 
+INTERRUPTED: dict[str, Any] = {
+    "message": "the request computing this answer was interrupted",
+    "status": 503,
+    "retry": True,
+}
+"""What waiters elsewhere are told when a computation stopped without an answer or an error:
+``retry`` makes them compute it themselves."""
+
+
 class CacheSession:
-    """One request through the cache: ``body`` is set on entry for a hit or a coalesced
-    answer; otherwise the caller computes and calls :meth:`commit` (or raises)."""
+    """``body`` is set on entry for a hit or an answer another process computed; otherwise
+    the caller computes and calls :meth:`commit` (or raises, or calls :meth:`fail`)."""
 
     def __init__(
         self,
@@ -290,57 +239,51 @@ class CacheSession:
         refresh: bool,
         store: bool,
         max_age: float | None = None,
+        looked_up: bool = False,
     ) -> None:
         self.cache = cache
-        self.max_age = max_age
         self.model = model
         self.key = key
         self.refresh = refresh
         self.store_allowed = store
+        self.max_age = max_age
+        self.looked_up = looked_up
         self.body: bytes | None = None
         """The response body (JSON bytes) of a hit or a coalesced answer."""
         self.status = CacheStatus.MISS
         self._token: str | None = None
-        self._future: asyncio.Future[bytes] | None = None
         self._renewal: asyncio.Task[None] | None = None
+        self._settled = False
 
     async def __aenter__(self) -> CacheSession:
+        try:
+            await self._enter()
+        except BaseException:
+            await asyncio.shield(self._release(INTERRUPTED))
+            raise
+        return self
+
+    async def _enter(self) -> None:
         c = self.cache
-        local = c._local.get(self.key)
-        if local is not None and not self.refresh:
-            try:
-                self.body = await asyncio.shield(local)
-            except CoalescedError as exc:
-                if not exc.error.get("retry"):
-                    raise  # the leader's error is ours too
-                self.body = None  # its client went away mid-answer: compute it ourselves
-            if self.body is not None:
-                self.status = CacheStatus.COALESCED
-                c.count("coalesced")
-                return self
-        if not self.refresh:
-            near = c.near_get(self.key, self.max_age)
-            if near is not None:
-                self.body, self.status = near, CacheStatus.HIT
-                c.count("hit")
-                c.count("near_hits")
-                return self
-        # lead this process's identical requests from here on
-        self._future = asyncio.get_running_loop().create_future()
-        c._local[self.key] = self._future
+        if not (self.refresh or self.looked_up):
+            body = await c.lookup(self.model, self.key, self.max_age)
+            if body is not None:
+                self._resolve(body, CacheStatus.HIT, count=False)  # lookup() counted it
+                return
+            self.looked_up = True
         store = c.store
         if store is None or c.breaker.state == "open":
             self._bypass()
-            return self
+            return
         await self._acquire(store)
-        return self
 
     async def _acquire(self, store: ResponseStore) -> None:
         c = self.cache
         deadline = time.monotonic() + c.wait
         waited = False
+        skip_read = self.looked_up or self.refresh
         while True:
-            if not self.refresh:
+            if not skip_read:
                 ok, entry = await c._call(lambda: store.get(self.model, self.key))
                 if not ok:
                     self._bypass()
@@ -350,20 +293,31 @@ class CacheSession:
                     and self.max_age is not None
                     and time.time() - float(entry[0].get("created", 0)) > self.max_age
                 )
-                if too_old:
-                    self.refresh = True  # recompute, then store the fresh answer
-                elif entry is not None:
-                    status = CacheStatus.COALESCED if waited else CacheStatus.HIT
+                if entry is not None and not too_old:
                     created = float(entry[0].get("created", time.time()))
-                    c.near_put(self.key, self.model, entry[1], created, c.near_ttl)
-                    self._resolve(entry[1], status)
+                    c.near.put(self.key, self.model, entry[1], created, c.near_ttl)
+                    self._resolve(entry[1], CacheStatus.COALESCED if waited else CacheStatus.HIT)
                     return
-            ok, token = await c._call(lambda: store.lock(self.model, self.key, c.lease_ms))
+            skip_read = False
+            # the token is ours before the call: if we are interrupted while Redis takes the
+            # lock, the cleanup can still release it (instead of leaving it for its lease)
+            token = self._token = secrets.token_hex(12)
+            taking = asyncio.ensure_future(
+                c._call(functools.partial(store.lock, self.model, self.key, c.lease_ms, token))
+            )
+            try:
+                ok, got = await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                # let the call land (within the cache timeout) before the cleanup releases
+                # the lock: a release that overtook it would leave the lock for its lease
+                await asyncio.wait([taking])
+                raise
+            if not ok or got is None:
+                self._token = None
             if not ok:
                 self._bypass()
                 return
-            if token is not None:
-                self._token = token
+            if got is not None:
                 self._renewal = asyncio.create_task(self._renew(store, token))
                 c.count("miss")
                 return
@@ -378,11 +332,9 @@ class CacheSession:
                 continue  # its client went away mid-answer: try again, maybe as the leader
             if not event.get("ok"):
                 c.count("coalesced_errors")
-                error = CoalescedError(event.get("error"))
-                self._settle_error(error)
-                raise error
-            self.refresh = False  # the answer we waited for is the fresh one
-            waited = True
+                self._settled = True
+                raise CoalescedError(event.get("error"))
+            waited = True  # the answer we waited for is the fresh one
 
     async def _wait_remote(self, store: ResponseStore, until: float) -> dict[str, Any] | None:
         """The leader's event -> ``{"ok": …}``; None when its lock vanished without one."""
@@ -419,67 +371,52 @@ class CacheSession:
         self.status = CacheStatus.BYPASS
         self.cache.count(counter)
 
-    def _resolve(self, body: bytes, status: CacheStatus) -> None:
+    def _resolve(self, body: bytes, status: CacheStatus, *, count: bool = True) -> None:
         self.body = body
         self.status = status
-        self.cache.count(status.value)
-        self._settle(body)
+        self._settled = True
+        if count:
+            self.cache.count(status.value)
 
-    def _settle(self, body: bytes) -> None:
-        fut = self._future
-        if fut is not None and not fut.done():
-            fut.set_result(body)
-        self._drop_local()
-
-    def _settle_error(self, exc: BaseException) -> None:
-        fut = self._future
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
-        self._drop_local()
-
-    def _drop_local(self) -> None:
-        if self.cache._local.get(self.key) is self._future:
-            del self.cache._local[self.key]
-
-    async def commit(self, body: bytes, *, cacheable: bool = True) -> None:
-        """The answer we computed: store it (when allowed) and hand it to the waiters."""
-        c = self.cache
+    def _stop_renewal(self) -> None:
         if self._renewal is not None:
             self._renewal.cancel()
-        store = c.store
-        if store is not None and self._token is not None:
+            self._renewal = None
+
+    async def commit(self, body: bytes, *, cacheable: bool = True) -> None:
+        """The answer we computed: store it (when allowed) and wake the waiters elsewhere."""
+        c = self.cache
+        self._stop_renewal()
+        store, token = c.store, self._token
+        if store is not None and token is not None:
             if self.store_allowed and cacheable:
                 meta = {"v": 2, "created": time.time()}
                 ttl = c.ttl(self.model)
                 ok, _ = await c._call(
-                    lambda: store.put(self.model, self.key, meta, body, ttl, self._token)
+                    lambda: store.put(self.model, self.key, meta, body, ttl, token)
                 )
                 if ok:
                     c.count("stored")
-                    c.near_put(self.key, self.model, body, float(meta["created"]), ttl)
-            elif self._token is not None:
-                token = self._token
-                await c._call(
-                    # waiters elsewhere compute it themselves: there is nothing to read
-                    lambda: store.fail(
-                        self.model, self.key, token, {"message": "not stored", "retry": True}
-                    )
-                )
+                    c.near.put(self.key, self.model, body, float(meta["created"]), ttl)
+            else:  # waiters elsewhere compute it themselves: there is nothing to read
+                message = {"message": "not stored", "retry": True}
+                await c._call(lambda: store.fail(self.model, self.key, token, message))
         self._token = None
-        self._settle(body)
+        self._settled = True
 
     async def fail(self, error: Mapping[str, Any]) -> None:
-        """The computation failed with ``error`` (an OpenAI error body and its status)."""
-        c = self.cache
-        if self._renewal is not None:
-            self._renewal.cancel()
-        c.count("errors")
-        store, token = c.store, self._token
-        if store is not None and token is not None:
-            await c._call(lambda: store.fail(self.model, self.key, token, error))
+        """The computation failed with ``error`` (see :func:`yichui.errors.describe_error`)."""
+        self.cache.count("errors")
+        await self._release(error)
+
+    async def _release(self, error: Mapping[str, Any]) -> None:
+        """Let the lock go and tell the waiters elsewhere (once)."""
+        self._stop_renewal()
+        store, token = self.cache.store, self._token
         self._token = None
-        self._settle_error(CoalescedError(error))
+        self._settled = True
+        if store is not None and token is not None:
+            await self.cache._call(lambda: store.fail(self.model, self.key, token, error))
 
     async def __aexit__(
         self,
@@ -487,13 +424,12 @@ class CacheSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._future is not None and not self._future.done():
-            # left without commit or fail: an error, or an interrupted stream
-            error: dict[str, Any] = {
-                "message": "the request computing this answer was interrupted",
-                "status": 503,
-                "retry": True,
-            }
-            if exc is not None and not isinstance(exc, asyncio.CancelledError):
-                error = {"message": f"{type(exc).__name__}: {exc}", "status": 500}
-            await asyncio.shield(self.fail(error))
+        if self._settled:
+            return
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            # left without an answer or an error: an interrupted computation
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._release(INTERRUPTED))
+            return
+        self.cache.count("errors")
+        await asyncio.shield(self._release(describe_error(exc)))

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from yichui.config import Settings
+    from yichui.models.registry import ModelRegistry
 
 DEFAULT_MAX_TOKENS = 256
 """``max_tokens`` when a request gives none (OpenAI's "up to the context" is too much for a CPU)."""
@@ -122,20 +126,56 @@ class ModelCard:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-class Engine(Protocol):
-    """An inference backend. Implementations: ``engines/local.py`` (transformers),
-    ``engines/upstream.py`` (an OpenAI-compatible server: vLLM, SGLang, Ollama, …)."""
+class EngineServices(Protocol):
+    """What building an engine may use of the composition root (its ``engines(services)``
+    seam): the settings and the model registry."""
 
-    name: str
-    honours_seed: bool
-    """Whether the same seed gives the same output (then a seeded request may be cached)."""
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def registry(self) -> ModelRegistry: ...
+
+
+class BoundEngine(Protocol):
+    """An engine bound to one resolved model: what the router hands the inference service.
+
+    ``card`` is the model it will run, with the fingerprint the response cache keys on: the
+    engine runs exactly that (no second lookup of the name)."""
+
+    @property
+    def card(self) -> ModelCard: ...
+
+    @property
+    def honours_seed(self) -> bool:
+        """Whether the same seed gives the same output (then a seeded request may be cached)."""
+        ...
 
     async def complete(self, request: EngineRequest) -> EngineResult:
         """The whole answer (all ``n`` choices)."""
         ...
 
     def stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """The answer as it is generated."""
+        """The answer as it is generated; close it (``aclose()``) to stop early."""
+        ...
+
+
+class Engine(Protocol):
+    """An inference backend: the model names it serves, bound one at a time.
+
+    Implementations: ``engines/upstream.py`` (OpenAI-compatible servers: vLLM, SGLang, Ollama,
+    ``swift deploy``…), ``engines/local.py`` (transformers, in this process). More come from
+    capabilities and extensions (see ``docs/architecture.md``); the router asks them in order.
+    """
+
+    name: str
+
+    async def bind(self, model: str) -> BoundEngine | None:
+        """``model`` resolved and ready to run, or None when this engine does not serve it."""
+        ...
+
+    async def cards(self) -> list[ModelCard]:
+        """Every model this engine serves now, for ``/v1/models``."""
         ...
 
     async def close(self) -> None: ...

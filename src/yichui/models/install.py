@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,45 +32,11 @@ if TYPE_CHECKING:
 Producer = Callable[[Path, LeaseLock], dict[str, Any]]
 """Fills the staging folder; returns manifest fields (``source``, ``revision``, …)."""
 
-POLL_INTERVAL = 0.2
-
 
 @dataclass
 class InstallResult:
     status: ModelStatus
     action: str  # installed | reused | present
-
-
-def _lock_for(registry: ModelRegistry, name: str) -> LeaseLock:
-    store = registry.require_store()
-    return LeaseLock(
-        store.client, store.keys.model_lock(name), lease=registry.settings.pull_lock_lease
-    )
-
-
-def _wait_for_lock(registry: ModelRegistry, lock: LeaseLock, name: str) -> bool:
-    """Take the lock, waiting for its holder; True if we had to wait for someone else."""
-    waited = False
-    deadline = time.monotonic() + registry.settings.pull_wait_timeout
-    while not lock.acquire():
-        waited = True
-        if time.monotonic() > deadline:
-            raise ModelBusyError(
-                f"another process has held the lock on {name!r} for too long",
-                name=name,
-                hint="retry later, or raise YICHUI_PULL_WAIT_TIMEOUT",
-            )
-        time.sleep(POLL_INTERVAL)
-    return waited
-
-
-@contextlib.contextmanager
-def model_lock(registry: ModelRegistry, name: str) -> Iterator[LeaseLock]:
-    """Hold ``name``'s lock (renewed in the background) for a short exclusive change."""
-    lock = _lock_for(registry, name)
-    _wait_for_lock(registry, lock, name)
-    with lock:
-        yield lock
 
 
 def install_model(
@@ -90,8 +56,8 @@ def install_model(
     root = registry.root
     final = model_dir(root, name)
     store = registry.require_store()
-    lock = _lock_for(registry, name)
-    waited = _wait_for_lock(registry, lock, name)
+    lock = registry.lock(name)
+    waited = registry.take_lock(lock, name)
     with lock:
         existing = scan_model(name, final)
         if existing.exists and is_current(existing) and not replace:

@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from yichui.config import Settings
-from yichui.errors import InvalidModelNameError, ModelNotFoundError, StateError
+from yichui.errors import InvalidModelNameError, ModelBusyError, ModelNotFoundError, StateError
 from yichui.models.names import model_dir, trash_dir, validate_name
 from yichui.models.status import (
     LISTING_FIELDS,
@@ -30,7 +31,11 @@ from yichui.models.status import (
     scan_model,
     sha256_file,
 )
+from yichui.state.lock import LeaseLock
 from yichui.state.model_status import ModelStatusStore
+
+LOCK_POLL_INTERVAL = 0.2
+"""Seconds between two tries at a model's lock while another process holds it."""
 
 
 @dataclass
@@ -201,13 +206,43 @@ class ModelRegistry:
             )
         return self.store
 
+    # -- the lock on a model -----------------------------------------------------------------
+    def lock(self, name: str) -> LeaseLock:
+        """``name``'s lock in Redis, not taken yet: one change of a model at a time, on any
+        host (pulls, imports, merges, removals)."""
+        store = self.require_store()
+        return LeaseLock(
+            store.client, store.keys.model_lock(name), lease=self.settings.pull_lock_lease
+        )
+
+    def take_lock(self, lock: LeaseLock, name: str) -> bool:
+        """Take ``lock``, waiting for its holder; True if we had to wait for someone else."""
+        waited = False
+        deadline = time.monotonic() + self.settings.pull_wait_timeout
+        while not lock.acquire():
+            waited = True
+            if time.monotonic() > deadline:
+                raise ModelBusyError(
+                    f"another process has held the lock on {name!r} for too long",
+                    name=name,
+                    hint="retry later, or raise YICHUI_PULL_WAIT_TIMEOUT",
+                )
+            time.sleep(LOCK_POLL_INTERVAL)
+        return waited
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[LeaseLock]:
+        """Hold ``name``'s lock (renewed in the background) for a short exclusive change."""
+        lock = self.lock(name)
+        self.take_lock(lock, name)
+        with lock:
+            yield lock
+
     def remove(self, name: str) -> ModelStatus:
         """Delete a model's files (atomically moved aside first) and cache it as missing."""
-        from yichui.models.install import model_lock
-
         store = self.require_store()
         folder = model_dir(self.root, name)
-        with model_lock(self, name):
+        with self.locked(name):
             before = scan_model(name, folder)
             if not before.exists and not folder.exists():
                 store.put(name, ModelStatus.missing(name).to_dict())

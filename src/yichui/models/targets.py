@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from yichui.errors import ModelNotFoundError, TrainingError
+from yichui.errors import ModelKindError, ModelNotFoundError
 from yichui.models.names import validate_name
 from yichui.models.registry import ModelRegistry
 from yichui.models.status import ModelStatus
@@ -56,8 +56,9 @@ def resolve_target(registry: ModelRegistry, name: str) -> Target:
     if not base.exists:
         raise ModelNotFoundError(base_name)
     if base.kind == ADAPTER_KIND:
-        raise TrainingError(
+        raise ModelKindError(
             f"{base_name!r} is an adapter, not a base model",
+            name=base_name,
             hint=f"use it on its base: <base>@{base_name}",
         )
     if adapter_name is None:
@@ -66,8 +67,9 @@ def resolve_target(registry: ModelRegistry, name: str) -> Target:
     if not adapter.exists:
         raise ModelNotFoundError(adapter_name)
     if adapter.kind != ADAPTER_KIND:
-        raise TrainingError(
+        raise ModelKindError(
             f"{adapter_name!r} is not a LoRA adapter (kind {adapter.kind})",
+            name=adapter_name,
             hint="the part after '@' must be an adapter made by `yichui train`",
         )
     return Target(name, base, adapter)

@@ -1,4 +1,20 @@
-"""Wiring: settings -> Redis connection -> services. Built once per process, passed in."""
+"""The composition root: every service of a process is built here, once, and handed out.
+
+::
+
+    rt = Runtime(load_settings())
+    rt.registry.status("smollm2-135m-instruct")      # sync services, built when first used
+    rt.tasks.submit("selftest", {"steps": 3})
+    rt.worker(burst=True).run()                      # handlers get ``rt`` as ctx.services
+    async with rt.serving() as services:             # the async side of an API process
+        await services.inference.answer(...)
+
+The CLI builds one :class:`Runtime` per command, a worker one per process, the API one per
+server (:func:`yichui.api.app.create_app`); tests build their own. Nothing else constructs a
+store, a client or an engine. Two Redis clients: the **state** instance (``redis_url``: model
+status, tasks, locks, events) and the **cache** instance (``cache_redis_url``, by default the
+same URL: response-cache entries, coalescing locks and counters).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +24,26 @@ from typing import TYPE_CHECKING
 from yichui.config import Settings
 from yichui.errors import RedisUnavailableError, StateError
 from yichui.models.registry import ModelRegistry
+from yichui.models.sources import Sources
 from yichui.models.status import LISTING_FIELDS
-from yichui.state.connection import RedisTarget, SyncRedis, connect
+from yichui.runtime import capabilities
+from yichui.state.connection import RedisTarget, SyncRedis, connect, parse_redis_url, resolve_url
+from yichui.state.eval_store import EvalResultStore
 from yichui.state.keys import Keys
 from yichui.state.model_status import ModelStatusStore
 from yichui.state.task_store import TaskStore
 from yichui.tasks.service import TaskService
+from yichui.tasks.types import TaskTypes
+from yichui.training.service import TrainingService
 
 if TYPE_CHECKING:
+    from yichui.inference.engine import Engine
+    from yichui.runtime.serving import ServingServices
     from yichui.tasks.worker import Worker
 
 
 class Runtime:
-    """The services of one process::
-
-    rt = Runtime(load_settings())
-    rt.registry.status("smollm2-135m-instruct")
-    """
+    """The services of one process (see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -32,8 +51,9 @@ class Runtime:
         self._redis: tuple[SyncRedis, RedisTarget] | None = None
         self.redis_error: StateError | None = None
 
+    # -- Redis ----------------------------------------------------------------------------------
     def redis(self) -> tuple[SyncRedis, RedisTarget]:
-        """The connected client (the embedded server is started when no URL is set)."""
+        """The state instance's client (the embedded server is started when no URL is set)."""
         if self._redis is None:
             self._redis = connect(self.settings)
         return self._redis
@@ -46,6 +66,12 @@ class Runtime:
             self.redis_error = exc
             return None
 
+    def cache_target(self) -> RedisTarget:
+        """Where the response cache lives: ``cache_redis_url``, else the state instance."""
+        url = self.settings.cache_redis_url
+        return parse_redis_url(url) if url else self.redis()[1]
+
+    # -- models ---------------------------------------------------------------------------------
     @cached_property
     def model_store(self) -> ModelStatusStore | None:
         client = self.try_redis()
@@ -68,6 +94,17 @@ class Runtime:
         return ModelRegistry(self.settings, store, degraded=reason)
 
     @cached_property
+    def sources(self) -> Sources:
+        """Every model source by name (yichui's own and the extensions')."""
+        return capabilities.sources(self.settings.extensions, self.settings)
+
+    # -- tasks ----------------------------------------------------------------------------------
+    @cached_property
+    def task_types(self) -> TaskTypes:
+        """Every capability's task types, and the extensions' (see :mod:`.capabilities`)."""
+        return capabilities.task_types(self.settings.extensions)
+
+    @cached_property
     def task_store(self) -> TaskStore:
         """Tasks need Redis: raises RedisUnavailableError (one line in the CLI) without it."""
         client, _ = self.redis()
@@ -78,7 +115,7 @@ class Runtime:
 
     @cached_property
     def tasks(self) -> TaskService:
-        return TaskService(self.task_store, self.settings)
+        return TaskService(self.task_store, self.settings, self.task_types)
 
     def worker(
         self,
@@ -94,7 +131,7 @@ class Runtime:
         s = self.settings
         return Worker(
             self.task_store,
-            self.tasks.types,
+            self.task_types,
             queue=queue or s.task_queue,
             concurrency=concurrency or s.worker_concurrency,
             lease=s.task_lease,
@@ -106,6 +143,35 @@ class Runtime:
             name=name,
             services=self,
         )
+
+    # -- training -------------------------------------------------------------------------------
+    @cached_property
+    def training(self) -> TrainingService:
+        return TrainingService(self.settings, self.registry, self.tasks, self.eval_store)
+
+    def eval_store(self) -> EvalResultStore | None:
+        """The Redis side of the evaluation cache; None while Redis is unreachable."""
+        client = self.try_redis()
+        if client is None:
+            return None
+        s = self.settings
+        return EvalResultStore(client, self.keys, ttl=s.eval_result_ttl, jitter=s.ttl_jitter)
+
+    # -- inference ------------------------------------------------------------------------------
+    def engines(self) -> list[Engine]:
+        """Every engine of this process, in the order the router asks them."""
+        return capabilities.engines(self.settings.extensions, self)
+
+    def serving(self) -> ServingServices:
+        """The async services of an API process, not started yet: ``async with`` them (or
+        ``start()`` and ``close()``, as the API's lifespan does)."""
+        from yichui.runtime.serving import ServingServices
+
+        return ServingServices(self)
+
+    def state_url(self) -> str:
+        """The state instance's URL (the embedded server started when no URL is set)."""
+        return resolve_url(self.settings)
 
     def close(self) -> None:
         if self._redis is not None:

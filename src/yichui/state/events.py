@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from yichui.state.codec import loads
+from yichui.state.keys import Keys
 
 
 async def subscribe(client: Any, channel: str) -> AsyncIterator[dict[str, Any]]:
@@ -22,3 +23,9 @@ async def subscribe(client: Any, channel: str) -> AsyncIterator[dict[str, Any]]:
                     yield event
     finally:
         await pubsub.aclose()
+
+
+def model_events(client: Any, keys: Keys) -> AsyncIterator[dict[str, Any]]:
+    """Pulls, imports, merges and removals of models, as the registry publishes them on the
+    state instance (``{"name": …, "event": …}``); ends on a Redis error."""
+    return subscribe(client, keys.model_events())

@@ -60,9 +60,13 @@ class ResponseStore:
             return None  # an older layout: recomputed and overwritten
         return meta, body
 
-    async def lock(self, model: str, digest: str, lease_ms: int) -> str | None:
-        """Become the one computing this answer -> our token, or None if someone else is."""
-        token = secrets.token_hex(12)
+    async def lock(
+        self, model: str, digest: str, lease_ms: int, token: str | None = None
+    ) -> str | None:
+        """Become the one computing this answer -> our token (``token``, or a new one), or None
+        if someone else is. A caller that may be interrupted passes its token, so that it can
+        still release a lock whose reply it never read."""
+        token = token or secrets.token_hex(12)
         ok = await self.client.set(
             self.keys.response_lock(model, digest), token, nx=True, px=lease_ms
         )
@@ -105,10 +109,6 @@ class ResponseStore:
     def events(self) -> AsyncIterator[dict[str, Any]]:
         """Events of finished computations, from one subscription (ends on a Redis error)."""
         return subscribe(self.client, self.keys.response_events())
-
-    def model_events(self) -> AsyncIterator[dict[str, Any]]:
-        """Pulls, imports, merges and removals of models (the registry publishes them)."""
-        return subscribe(self.client, self.keys.model_events())
 
     async def add_stats(self, counts: Mapping[str, int]) -> None:
         if counts:

@@ -7,7 +7,7 @@ from typing import Any
 
 from yichui.errors import TaskFailedError
 from yichui.tasks.context import TaskContext
-from yichui.tasks.types import DownloadArgs, NoopArgs, SelftestArgs
+from yichui.tasks.types import NoopArgs, SelftestArgs
 
 
 def selftest(ctx: TaskContext, args: SelftestArgs) -> dict[str, Any]:
@@ -36,34 +36,3 @@ def selftest(ctx: TaskContext, args: SelftestArgs) -> dict[str, Any]:
 def noop(ctx: TaskContext, args: NoopArgs) -> dict[str, Any]:
     """Nothing at all: what the queue itself costs (benchmarks, health checks)."""
     return {"echo": args.echo} if args.echo is not None else {}
-
-
-def download(ctx: TaskContext, args: DownloadArgs) -> dict[str, Any]:
-    """Pull a model (see ``yichui models pull``); progress in bytes."""
-    from yichui.models.pull import pull_model
-    from yichui.models.sources import get_source
-    from yichui.models.sources.base import PullSpec
-
-    rt = ctx.services
-    source = get_source(args.source, rt.settings)
-    spec = PullSpec(
-        repo=args.repo or args.name,
-        revision=args.revision,
-        include=args.include,
-        exclude=args.exclude,
-    )
-    ctx.log(f"pulling {spec.repo} from {source.name} as {args.name}")
-
-    def progress(done: int, total: int | None) -> None:
-        ctx.report(done, total, unit="bytes")
-
-    result = pull_model(rt.registry, source, args.name, spec, force=args.force, progress=progress)
-    status = result.status
-    ctx.log(f"{args.name}: {result.action}")
-    return {
-        "name": args.name,
-        "action": result.action,
-        "path": status.path if status else None,
-        "size": status.size if status else None,
-        "files": status.files if status else None,
-    }

@@ -21,7 +21,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import REDIS_ERRORS
@@ -44,7 +46,12 @@ class HandedBack(TaskInterrupt):
     """This worker is shutting down and gave the task back to the queue."""
 
 
-class TaskContext:
+S = TypeVar("S", default=Any)
+"""The services a worker hands its task handlers (the composition root's Runtime); each
+capability says what its handlers need as a Protocol: ``TaskContext[TrainingServices]``."""
+
+
+class TaskContext(Generic[S]):
     """One run (attempt) of one task, inside a worker."""
 
     def __init__(
@@ -71,8 +78,8 @@ class TaskContext:
         """What the last attempt saved with :meth:`save_checkpoint` (None on a first run)."""
         self.queue = queue
         self.worker = worker
-        self.services = services
-        """The worker's :class:`~yichui.runtime.Runtime` (registry, settings) for handlers."""
+        self.services: S = services
+        """What the worker was given for its handlers: the composition root's services."""
         self.token = claim.token
         self.interval = progress_interval
         self._clock = clock

@@ -2,10 +2,11 @@
 
 Arguments are validated when a task is queued, so a malformed task never reaches a worker::
 
-    TASK_TYPES.get("selftest").parse({"steps": 3})   # SelftestArgs(steps=3, ...)
+    builtin_types().get("selftest").parse({"steps": 3})   # SelftestArgs(steps=3, ...)
 
-Handlers live in modules imported only by the worker that runs them (training pulls in torch;
-``yichui tasks list`` must not).
+Each capability brings its own types (a ``task_types()`` function), which the composition root
+registers: this module knows none of them. Handlers are named ``module:function`` and imported
+only by the worker that runs them (training pulls in torch; ``yichui tasks list`` must not).
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from yichui.errors import InvalidTaskArgsError, UnknownTaskTypeError
-from yichui.models.names import validate_name
+from yichui.errors import ConfigError, InvalidTaskArgsError, UnknownTaskTypeError
 
 if TYPE_CHECKING:
     from yichui.tasks.context import TaskContext
 
 Handler = Callable[["TaskContext", Any], Mapping[str, Any] | None]
-
-TRAIN_STOP_GRACE = 300.0
-"""Seconds a training run gets, when its worker stops, to finish its step and save a checkpoint."""
 
 
 class TaskArgs(BaseModel):
@@ -60,23 +57,6 @@ class NoopArgs(TaskArgs):
     """``noop``: returns at once (measures the queue itself)."""
 
     echo: str | None = None
-
-
-class DownloadArgs(TaskArgs):
-    """``download``: pull a model from a source, progress in bytes."""
-
-    name: str
-    source: str | None = None
-    repo: str | None = None
-    revision: str | None = None
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    force: bool = False
-
-    @field_validator("name", "repo")
-    @classmethod
-    def _valid_name(cls, value: str | None) -> str | None:
-        return None if value is None else validate_name(value)
 
 
 @dataclass(frozen=True)
@@ -120,6 +100,13 @@ class TaskTypes:
     types: dict[str, TaskType] = field(default_factory=dict)
 
     def register(self, task_type: TaskType) -> None:
+        """Add a type; two capabilities may not claim one name."""
+        known = self.types.get(task_type.name)
+        if known is not None and known != task_type:
+            raise ConfigError(
+                f"task type {task_type.name!r} is registered twice"
+                f" ({known.handler} and {task_type.handler})"
+            )
         self.types[task_type.name] = task_type
 
     def get(self, name: str) -> TaskType:
@@ -132,47 +119,24 @@ class TaskTypes:
         return sorted(self.types)
 
 
-def builtin_types() -> TaskTypes:
-    reg = TaskTypes()
-    reg.register(
+def task_types() -> list[TaskType]:
+    """The task engine's own types: ``selftest`` and ``noop`` (each capability adds its own:
+    ``download`` in :mod:`yichui.models.tasks`, ``train``/``merge``/``evaluate`` in
+    :mod:`yichui.training.tasks`)."""
+    return [
         TaskType(
             "selftest",
             SelftestArgs,
             "yichui.tasks.builtin:selftest",
             "count steps, reporting each: checks the workers end to end",
-        )
-    )
-    reg.register(
-        TaskType("noop", NoopArgs, "yichui.tasks.builtin:noop", "do nothing: measures the queue")
-    )
-    reg.register(
-        TaskType(
-            "download",
-            DownloadArgs,
-            "yichui.tasks.builtin:download",
-            "pull a model from a hub or the mirror",
-        )
-    )
-    from yichui.training.args import EvalArgs, MergeArgs, TrainArgs
+        ),
+        TaskType("noop", NoopArgs, "yichui.tasks.builtin:noop", "do nothing: measures the queue"),
+    ]
 
-    reg.register(
-        TaskType(
-            "train",
-            TrainArgs,
-            "yichui.training.lora:train",
-            "LoRA/QLoRA fine-tuning; resumes from its last checkpoint",
-            stop_grace=TRAIN_STOP_GRACE,
-        )
-    )
-    reg.register(
-        TaskType("merge", MergeArgs, "yichui.training.merge:merge", "fold an adapter into its base")
-    )
-    reg.register(
-        TaskType(
-            "evaluate",
-            EvalArgs,
-            "yichui.training.evaluate:evaluate",
-            "loss, perplexity and answer accuracy on a dataset",
-        )
-    )
+
+def builtin_types() -> TaskTypes:
+    """A registry of :func:`task_types` only (a bare task engine, as in tests)."""
+    reg = TaskTypes()
+    for task_type in task_types():
+        reg.register(task_type)
     return reg

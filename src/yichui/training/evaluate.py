@@ -25,19 +25,20 @@ from yichui.tasks.context import TaskContext
 from yichui.training.args import EvalArgs
 from yichui.training.dataset import Example, read_examples
 from yichui.training.report import contains, exact_match
-from yichui.training.service import TrainingService, eval_key
+from yichui.training.service import eval_key
+from yichui.training.tasks import TrainingServices
 
 SAMPLES = 20
 """Records whose question, answer and prediction the report shows."""
 
 
-def evaluate(ctx: TaskContext, args: EvalArgs) -> dict[str, Any]:
+def evaluate(ctx: TaskContext[TrainingServices], args: EvalArgs) -> dict[str, Any]:
     require_ml("evaluation")
-    from yichui.training.lora import check_snapshot
+    from yichui.training.trainer import check_snapshot
 
     check_snapshot(args.dataset)
     rt = ctx.services
-    svc = TrainingService(rt)
+    svc = rt.training
     target = resolve_target(rt.registry, args.model)
     key = eval_key(target.fingerprint, args.dataset.sha256, args.model_dump(mode="json"))
     if key != args.key:

@@ -54,7 +54,7 @@ Parser = Callable[[dict[str, Any]], tuple[int, int, dict[str, float]] | None]
 # -- the worker's side ----------------------------------------------------------------------------
 def distributed_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     """Run ``train`` under torchrun (or accelerate) with ``nproc_per_node`` × ``nnodes``."""
-    from yichui.training.lora import finish_run
+    from yichui.training.trainer import finish_run
 
     rt = ctx.services
     s = rt.settings
@@ -76,7 +76,7 @@ def distributed_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         )
     port = s.train_master_port or _free_port()
     addr = s.train_master_addr or "127.0.0.1"
-    from yichui.training.loading import resolve_device
+    from yichui.ml.loading import resolve_device
 
     gpu = resolve_device(s.inference_device).startswith("cuda")
     launch = functools.partial(
@@ -285,7 +285,7 @@ def parse_trainer_line(row: dict[str, Any]) -> tuple[int, int, dict[str, float]]
 # -- ms-swift -------------------------------------------------------------------------------------
 def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     """Run ms-swift's ``swift sft`` (LoRA) and follow its ``logging.jsonl``."""
-    from yichui.training.lora import finish_run
+    from yichui.training.trainer import finish_run
 
     exe = shutil.which("swift")
     if exe is None:
@@ -404,8 +404,8 @@ def _child_main(spec_path: str) -> None:
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    from yichui.training.lora import build_trainer
     from yichui.training.progress import TaskProgress
+    from yichui.training.trainer import build_trainer
 
     spec = json.loads(Path(spec_path).read_text())
     args = TrainArgs.model_validate(spec["args"])
@@ -426,7 +426,7 @@ def _child_main(spec_path: str) -> None:
                 control.should_save = True
                 control.should_training_stop = True
 
-    from yichui.training.loading import resolve_device
+    from yichui.ml.loading import resolve_device
 
     device = resolve_device(spec.get("device") or "auto")
     if device.startswith("cuda"):

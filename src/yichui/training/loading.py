@@ -10,12 +10,6 @@ import importlib.util
 
 from yichui.errors import TrainingError
 
-# Re-exported for training/launch.py, which still imports it from here; new code takes it from
-# yichui.ml.loading.
-from yichui.ml.loading import resolve_device
-
-__all__ = ["check_qlora", "resolve_device"]
-
 
 def check_qlora(device: str) -> None:
     """QLoRA needs bitsandbytes and a CUDA GPU: a clear error (not retried) otherwise."""

@@ -18,11 +18,12 @@ from yichui.models.status import read_manifest
 from yichui.models.targets import resolve_target
 from yichui.tasks.context import TaskContext
 from yichui.training.args import MergeArgs
+from yichui.training.tasks import TrainingServices
 
 STEPS = 4
 
 
-def merge(ctx: TaskContext, args: MergeArgs) -> dict[str, Any]:
+def merge(ctx: TaskContext[TrainingServices], args: MergeArgs) -> dict[str, Any]:
     require_ml("merging")
     rt = ctx.services
     target = resolve_target(rt.registry, f"{args.base}@{args.adapter}")

@@ -5,7 +5,7 @@ process: the base model and adapter exist, the output name is free, the dataset 
 line, the hyper-parameters are in range. Only then is the dataset snapshotted, the run folder
 made and the task queued; if queuing fails the run folder is removed again::
 
-    svc = TrainingService(runtime)
+    svc = runtime.training       # built by the composition root
     svc.train("smollm2-135m-instruct", "data.jsonl", max_steps=20)["id"]
     svc.evaluate("smollm2-135m-instruct@my-adapter", "qa.jsonl")   # cached or queued
 """
@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,10 @@ from yichui.training.dataset import DatasetInfo, inspect_dataset, snapshot
 from yichui.training.runs import datasets_root, evals_root, new_run_dir, read_json, write_json
 
 if TYPE_CHECKING:
-    from yichui.runtime import Runtime
+    from yichui.config import Settings
+    from yichui.models.registry import ModelRegistry
     from yichui.state.eval_store import EvalResultStore
+    from yichui.tasks.service import TaskService
 
 EVAL_KEY_VERSION = 1
 _PLACEHOLDER_SHA = "0" * 64
@@ -61,9 +64,22 @@ class EvalSubmission:
 
 
 class TrainingService:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.settings = rt.settings
+    """Fine-tuning, merging and evaluation of one deployment (see the module docstring).
+
+    ``eval_store`` gives the Redis side of the evaluation cache, or None while Redis is
+    unreachable (reports are then read from and written to disk only)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        tasks: TaskService,
+        eval_store: Callable[[], EvalResultStore | None],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.tasks = tasks
+        self._eval_store = eval_store
 
     # -- train ------------------------------------------------------------------------------
     def train(
@@ -78,7 +94,7 @@ class TrainingService:
         **params: Any,
     ) -> dict[str, Any]:
         """Check and queue a ``train`` task -> its status, with ``run_dir`` and ``output``."""
-        target = resolve_target(self.rt.registry, model)
+        target = resolve_target(self.registry, model)
         if target.adapter is not None:
             raise TrainingError(
                 "train on a base model; continuing an adapter's training is not supported",
@@ -87,7 +103,7 @@ class TrainingService:
         out = validate_name(output) if output else _default_output(model)
         self._check_free(out, replace)
         info = inspect_dataset(dataset)
-        task_type = self.rt.tasks.types.get("train")
+        task_type = self.tasks.types.get("train")
         # every other argument is validated before a folder or a snapshot is written
         probe = {
             "model": model,
@@ -105,7 +121,7 @@ class TrainingService:
         # every argument, defaults included: what the run was asked to do
         write_json(run_dir / "args.json", task_type.parse(args).model_dump(mode="json"))
         try:
-            status = self.rt.tasks.submit("train", args, task_id=task_id, queue=queue)
+            status = self.tasks.submit("train", args, task_id=task_id, queue=queue)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -125,7 +141,7 @@ class TrainingService:
         queue: str | None = None,
     ) -> dict[str, Any]:
         """Check and queue a ``merge`` task -> its status, with ``output``."""
-        a = self.rt.registry.status(validate_name(adapter)).status
+        a = self.registry.status(validate_name(adapter)).status
         if not a.exists:
             raise ModelNotFoundError(adapter)
         if a.kind != ADAPTER_KIND:
@@ -136,11 +152,11 @@ class TrainingService:
                 f"adapter {adapter!r} does not say which base it was trained on",
                 hint="name it with --base",
             )
-        resolve_target(self.rt.registry, f"{base}@{adapter}")
+        resolve_target(self.registry, f"{base}@{adapter}")
         out = validate_name(output) if output else f"{adapter}-merged"
         self._check_free(out, replace)
         args = {"adapter": adapter, "base": base, "output": out, "replace": replace, "dtype": dtype}
-        status = self.rt.tasks.submit("merge", args, queue=queue)
+        status = self.tasks.submit("merge", args, queue=queue)
         status["output"] = out
         return status
 
@@ -155,9 +171,9 @@ class TrainingService:
         **params: Any,
     ) -> EvalSubmission:
         """The report from the cache when this evaluation ran before; else queue it."""
-        target = resolve_target(self.rt.registry, model)
+        target = resolve_target(self.registry, model)
         info = inspect_dataset(dataset)
-        task_type = self.rt.tasks.types.get("evaluate")
+        task_type = self.tasks.types.get("evaluate")
         probe = {
             "model": model,
             "dataset": _dataset_ref(info, str(info.path)),
@@ -173,17 +189,11 @@ class TrainingService:
                 return EvalSubmission(key, True, report=report, source=source)
         snap = snapshot(info, datasets_root(self.settings.data_dir))
         args = {**probe, "dataset": _dataset_ref(info, str(snap)), "key": key}
-        task = self.rt.tasks.submit("evaluate", args, queue=queue)
+        task = self.tasks.submit("evaluate", args, queue=queue)
         return EvalSubmission(key, False, task=task)
 
     def eval_store(self) -> EvalResultStore | None:
-        from yichui.state.eval_store import EvalResultStore
-
-        client = self.rt.try_redis()
-        if client is None:
-            return None
-        s = self.settings
-        return EvalResultStore(client, self.rt.keys, ttl=s.eval_result_ttl, jitter=s.ttl_jitter)
+        return self._eval_store()
 
     def cached_report(self, key: str) -> tuple[dict[str, Any], str] | None:
         """(report, ``redis`` or ``disk``) of an evaluation that ran before, or None."""
@@ -217,7 +227,7 @@ class TrainingService:
     def _check_free(self, name: str, replace: bool) -> None:
         if replace:
             return
-        if self.rt.registry.status(name).status.exists:
+        if self.registry.status(name).status.exists:
             raise TrainingError(
                 f"a model named {name!r} exists already",
                 hint="choose another --output, or pass --replace to replace it",

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from yichui.api.errors import APIError
+from yichui.errors import RequestError
 from yichui.inference.engine import (
     DEFAULT_MAX_TOKENS,
     EngineRequest,
@@ -202,35 +202,35 @@ def load_image(url: str, where: str, roots: list[Path]) -> ImagePart:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
-            raise APIError(
-                400, "image data URLs must be base64: data:<type>;base64,<bytes>", param=where
+            raise RequestError(
+                "image data URLs must be base64: data:<type>;base64,<bytes>", param=where
             )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise APIError(400, "image data URL is not valid base64", param=where) from None
+            raise RequestError("image data URL is not valid base64", param=where) from None
     else:
         data = _read_local(url, where, roots)
     media_type = sniff(data)
     if media_type is None:
-        raise APIError(400, "not an image (PNG, JPEG, GIF, WebP or BMP expected)", param=where)
+        raise RequestError("not an image (PNG, JPEG, GIF, WebP or BMP expected)", param=where)
     return ImagePart(data, media_type, hashlib.sha256(data).hexdigest())
 
 
 def _read_local(url: str, where: str, roots: list[Path]) -> bytes:
     split = urlsplit(url)
     if split.scheme in ("http", "https"):
-        raise APIError(400, "image URLs are not fetched: send the bytes as a data URL", param=where)
+        raise RequestError("image URLs are not fetched: send the bytes as a data URL", param=where)
     if split.scheme not in ("", "file"):
-        raise APIError(400, f"unsupported image URL scheme {split.scheme!r}", param=where)
+        raise RequestError(f"unsupported image URL scheme {split.scheme!r}", param=where)
     path = Path(unquote(split.path if split.scheme == "file" else url))
     if not roots:
-        raise APIError(400, "local image files are disabled (see image_file_roots)", param=where)
+        raise RequestError("local image files are disabled (see image_file_roots)", param=where)
     # where the path leads, checked against the roots before anything says whether it exists
     real = Path(os.path.realpath(path))
     if not path.is_absolute() or not any(real.is_relative_to(os.path.realpath(r)) for r in roots):
-        raise APIError(400, "image file is outside image_file_roots", param=where)
+        raise RequestError("image file is outside image_file_roots", param=where)
     try:
         return real.read_bytes()
     except OSError:
-        raise APIError(400, "image file not found or not readable", param=where) from None
+        raise RequestError("image file not found or not readable", param=where) from None

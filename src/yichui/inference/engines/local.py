@@ -37,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,23 +47,47 @@ from yichui.errors import (
     ImagesNotAcceptedError,
     InvalidModelNameError,
     MissingExtraError,
+    ModelKindError,
     ModelNotFoundError,
-    TrainingError,
+    RequestError,
 )
 from yichui.inference.engine import (
     Choice,
     EngineChunk,
     EngineRequest,
     EngineResult,
+    EngineServices,
     ModelCard,
     Usage,
 )
 from yichui.inference.pool import LoadedModel, ModelPool
 from yichui.ml import prompts
 from yichui.models.registry import ModelRegistry
-from yichui.models.targets import Target, resolve_target
+from yichui.models.status import read_manifest
+from yichui.models.targets import ADAPTER_KIND, Target, resolve_target
 
 Finish = Literal["stop", "length"]
+
+
+log = logging.getLogger("yichui.inference")
+
+
+def engines(services: EngineServices) -> list[LocalEngine]:
+    """The capability seam: the engine for the registry's models, with a warm pool sized by
+    the settings; none (a warning) without the ``ml`` extra: upstream routes only."""
+    s = services.settings
+    try:
+        pool = ModelPool(
+            budget_bytes=s.model_memory_budget, device=s.inference_device, dtype=s.inference_dtype
+        )
+        return [LocalEngine(services.registry, pool)]
+    except MissingExtraError as exc:
+        log.warning("local engine unavailable (%s); serving upstream routes only", exc)
+        return []
+
+
+SERVABLE_KINDS = frozenset({"text", "multimodal"})
+"""Kinds of registry models this engine serves (adapters are served on their base)."""
 
 
 class LocalEngine:
@@ -97,29 +123,70 @@ class LocalEngine:
             meta=meta,
         )
 
+    # -- the Engine protocol ------------------------------------------------------------------
+
+    async def bind(self, model: str) -> LocalModel | None:
+        """``model`` (a registry name or ``base@adapter``) resolved once; None when the
+        registry has no servable model of that name (malformed, missing, an adapter alone)."""
+        try:
+            target = await asyncio.to_thread(resolve_target, self.registry, model)
+        except (InvalidModelNameError, ModelKindError, ModelNotFoundError):
+            return None
+        if target.kind not in SERVABLE_KINDS:
+            return None
+        return LocalModel(self, target, self.card(target))
+
+    async def cards(self) -> list[ModelCard]:
+        """Every servable model of the registry, adapters as ``base@adapter``."""
+        listing = await asyncio.to_thread(self.registry.listing)
+        out: list[ModelCard] = []
+        for row in listing.models:
+            if not row.get("exists", True):
+                continue
+            name = str(row["name"])
+            if row.get("kind") == ADAPTER_KIND:  # served on its base: base@adapter
+                base = read_manifest(Path(str(row.get("path") or ""))).get("base")
+                if not base:
+                    continue
+                name = f"{base}@{name}"
+            elif row.get("kind") not in SERVABLE_KINDS:
+                continue
+            bound = await self.bind(name)
+            if bound is not None:
+                out.append(bound.card)
+        return out
+
+    async def close(self) -> None:
+        """Let the pool's models go (those still in use go when their requests end)."""
+        await self.pool.close()
+
+    # -- running a resolved model ---------------------------------------------------------------
+
     async def complete(self, request: EngineRequest) -> EngineResult:
-        """The whole answer: the stream, joined."""
-        n = request.params.n
-        texts: list[list[str]] = [[] for _ in range(n)]
-        finish: list[Finish] = ["length"] * n
-        usage = Usage(0, 0)
-        async with contextlib.aclosing(self.stream(request)) as chunks:
-            async for chunk in chunks:
-                if chunk.text:
-                    texts[chunk.index].append(chunk.text)
-                if chunk.finish_reason is not None:
-                    finish[chunk.index] = chunk.finish_reason
-                if chunk.usage is not None:
-                    usage = chunk.usage
-        choices = tuple(Choice(i, "".join(texts[i]), finish[i]) for i in range(n))
-        return EngineResult(choices=choices, usage=usage)
+        """The whole answer of ``request.model``, bound first (for callers without a router)."""
+        return await (await self._bound(request.model)).complete(request)
 
     async def stream(self, request: EngineRequest) -> AsyncGenerator[EngineChunk, None]:
+        """The streamed answer of ``request.model``, bound first (for callers without a
+        router)."""
+        bound = await self._bound(request.model)
+        async with contextlib.aclosing(bound.stream(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _bound(self, model: str) -> LocalModel:
+        bound = await self.bind(model)
+        if bound is None:
+            raise ModelNotFoundError(model)
+        return bound
+
+    async def generate(
+        self, target: Target, request: EngineRequest
+    ) -> AsyncGenerator[EngineChunk, None]:
         """The answer as it is generated: text pieces per choice, then a chunk with each
         choice's ``finish_reason``, then one with ``usage``. Close it (``aclose()``) to stop
         the generation early."""
         _check(request)
-        target = await self._target(request.model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineChunk | None] = asyncio.Queue()
 
@@ -128,7 +195,7 @@ class LocalEngine:
 
         adapter = Path(target.adapter.path or "") if target.adapter else None
         base = Path(target.base.path or "")
-        async with self.pool.use(request.model, base, target.fingerprint, adapter=adapter) as m:
+        async with self.pool.use(target.name, base, target.fingerprint, adapter=adapter) as m:
             job = _Generation(m, request, emit)
 
             async def work() -> None:
@@ -154,15 +221,37 @@ class LocalEngine:
                 if not worker.cancelled():
                     worker.exception()  # retrieved: it was raised above, or we are unwinding
 
-    async def close(self) -> None:
-        """Let the pool's models go (those still in use go when their requests end)."""
-        await self.pool.close()
 
-    async def _target(self, name: str) -> Target:
-        try:
-            return await asyncio.to_thread(resolve_target, self.registry, name)
-        except (InvalidModelNameError, TrainingError):  # malformed, or an adapter alone
-            raise ModelNotFoundError(name) from None
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A registry model (or ``base@adapter``) bound to the local engine: what it runs is
+    ``target``, whose fingerprint is the card's."""
+
+    engine: LocalEngine
+    target: Target
+    card: ModelCard
+    honours_seed: bool = True
+
+    async def complete(self, request: EngineRequest) -> EngineResult:
+        """The whole answer: the stream, joined (so a greedy stream and a greedy complete give
+        exactly the same text)."""
+        n = request.params.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        finish: list[Finish] = ["length"] * n
+        usage = Usage(0, 0)
+        async with contextlib.aclosing(self.stream(request)) as chunks:
+            async for chunk in chunks:
+                if chunk.text:
+                    texts[chunk.index].append(chunk.text)
+                if chunk.finish_reason is not None:
+                    finish[chunk.index] = chunk.finish_reason
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        choices = tuple(Choice(i, "".join(texts[i]), finish[i]) for i in range(n))
+        return EngineResult(choices=choices, usage=usage)
+
+    def stream(self, request: EngineRequest) -> AsyncGenerator[EngineChunk, None]:
+        return self.engine.generate(self.target, request)
 
 
 def _check(request: EngineRequest) -> None:
@@ -171,9 +260,9 @@ def _check(request: EngineRequest) -> None:
         refused.hint = "no local model accepts images yet: send text only"  # not a route's
         raise refused
     if request.params.n < 1:
-        raise ValueError("n must be at least 1")
+        raise RequestError("n must be at least 1", param="n")
     if request.params.max_tokens < 1:
-        raise ValueError("max_tokens must be at least 1")
+        raise RequestError("max_tokens must be at least 1", param="max_tokens")
 
 
 def prompt_ids(tokenizer: Any, request: EngineRequest) -> list[int]:

@@ -26,6 +26,7 @@ import base64
 import hashlib
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
@@ -38,6 +39,7 @@ from yichui.inference.engine import (
     EngineChunk,
     EngineRequest,
     EngineResult,
+    EngineServices,
     Message,
     ModelCard,
     Usage,
@@ -99,6 +101,17 @@ class UpstreamEngine:
         )
 
     # -- the Engine protocol ------------------------------------------------------------------
+
+    async def bind(self, model: str) -> UpstreamModel | None:
+        """``model`` bound to its route; None when no route has that name."""
+        if model not in self._routes:
+            return None
+        return UpstreamModel(self, self.card(model), self.honours_seed_for(model))
+
+    async def cards(self) -> list[ModelCard]:
+        return [self.card(m) for m in self.models()]
+
+    # -- running a request ------------------------------------------------------------------
 
     async def complete(self, request: EngineRequest) -> EngineResult:
         """Ask the upstream for the whole answer."""
@@ -233,6 +246,28 @@ class UpstreamEngine:
 
 
 # -- request building -------------------------------------------------------------------------
+
+
+def engines(services: EngineServices) -> list[UpstreamEngine]:
+    """The capability seam: one engine for every configured upstream route (none: no
+    engine)."""
+    routes = services.settings.upstreams
+    return [UpstreamEngine(routes)] if routes else []
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamModel:
+    """A routed model name bound to the upstream engine."""
+
+    engine: UpstreamEngine
+    card: ModelCard
+    honours_seed: bool
+
+    async def complete(self, request: EngineRequest) -> EngineResult:
+        return await self.engine.complete(request)
+
+    def stream(self, request: EngineRequest) -> AsyncGenerator[EngineChunk, None]:
+        return self.engine.stream(request)
 
 
 def _base(url: str) -> str:

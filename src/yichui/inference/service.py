@@ -1,0 +1,383 @@
+"""The inference service: the whole pipeline of an answer, with one entry point.
+
+::
+
+    service = InferenceService(router, cache, shared=False, wait=120.0)
+    answer = await service.answer(request, tenant="team-a", policy=CachePolicy(),
+                                  stream=False, render=render)
+    answer.status, answer.key, answer.body       # or answer.chunks for a streamed miss
+
+The steps, in order: bind the model (the router: engine, card and fingerprint in one), refuse
+images the model does not take, decide whether the answer may be cached (greedy, or seeded
+where the engine honours seeds, or the client asked for sampled answers to be cached), build
+the canonical key, look it up (near cache, then Redis), and otherwise run the engine, store the
+answer and hand it to everyone who asked for it.
+
+**The computation belongs to the service, not to the request that started it.** A cacheable
+miss runs as a *flight*: a task of its own, keyed by the cache key, which identical requests of
+this process join instead of computing again (across processes, the cache's Redis lock does the
+same). The request that started it reads it like any other; when that request goes away (its
+client disconnected, it was cancelled), the flight goes on for the others and is stored once. A
+flight that nobody wants any more is cancelled, and requests waiting for it in other processes
+are told to compute it themselves. Every wait on a flight is bounded by ``wait`` seconds, after
+which the waiter computes its answer itself, uncached.
+
+``render`` turns a whole :class:`~yichui.inference.engine.EngineResult` into the response body
+that is stored and answered (the API layer's protocol: OpenAI's JSON); hits are answered with
+those bytes as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from yichui.errors import CoalescedError, ImagesNotAcceptedError, RequestError, describe_error
+from yichui.inference.cache import CacheStatus, ResponseCache
+from yichui.inference.cache_key import cache_key, is_deterministic
+from yichui.inference.engine import (
+    BoundEngine,
+    Choice,
+    EngineChunk,
+    EngineRequest,
+    EngineResult,
+    Usage,
+)
+from yichui.inference.router import ModelRouter
+
+log = logging.getLogger("yichui.inference")
+
+Render = Callable[[EngineResult], bytes]
+"""A whole answer -> the response body that is stored and sent (JSON bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """What the client asked of the cache (``Cache-Control`` and ``x-yichui-cache-policy``)."""
+
+    refresh: bool = False  # no-cache: recompute, then store the fresh answer
+    store: bool = True  # no-store: do not store this answer
+    max_age: float | None = None  # max-age=N: only hits younger than N seconds
+    sampled: bool = False  # x-yichui-cache-policy: sampled — cache sampled answers too
+
+    @classmethod
+    def from_headers(cls, cache_control: str | None, policy: str | None) -> CachePolicy:
+        refresh, store, max_age = False, True, None
+        for directive in (cache_control or "").lower().split(","):
+            name, _, value = directive.strip().partition("=")
+            if name == "no-cache":
+                refresh = True
+            elif name == "no-store":
+                store = False
+            elif name == "max-age":
+                try:
+                    max_age = max(0.0, float(value.strip().strip('"')))
+                except ValueError:
+                    raise RequestError(f"Cache-Control: bad max-age {value!r}") from None
+        sampled = (policy or "").strip().lower() == "sampled"
+        return cls(refresh, store, max_age, sampled)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The service's answer: ``body`` (rendered: a hit, a coalesced or a computed answer), or
+    ``chunks`` (a streamed miss, generated as it is read; close it to let go of it)."""
+
+    status: CacheStatus
+    key: str | None = None
+    """The cache key (None: not cacheable, so never looked up)."""
+    body: bytes | None = None
+    chunks: AsyncGenerator[EngineChunk, None] | None = None
+
+
+class _Flight:
+    """One computation of one cache key in this process."""
+
+    def __init__(self, key: str, *, streamed: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.key = key
+        self.entered: asyncio.Future[tuple[CacheStatus, bytes | None]] = loop.create_future()
+        """Set once the cache session is open: its status and a stored body (or None)."""
+        self.chunks: asyncio.Queue[EngineChunk | BaseException | None] | None = (
+            asyncio.Queue() if streamed else None
+        )
+        """The pieces for the request that started a streamed flight, live."""
+        self.task: asyncio.Task[bytes] | None = None
+        self.interest = 1  # the request that started it
+
+
+class InferenceService:
+    """Answers for one process (see the module docstring)."""
+
+    MEMO_SIZE = 10_000
+    """Request digests remembered for the hit fast path (see ``api/fastpath.py``)."""
+
+    def __init__(
+        self, router: ModelRouter, cache: ResponseCache, *, shared: bool, wait: float = 120.0
+    ) -> None:
+        self.router = router
+        self.cache = cache
+        self.shared = shared
+        self.wait = wait
+        self._flights: dict[str, _Flight] = {}
+        self._memo: OrderedDict[str, str] = OrderedDict()
+        """Digest of (tenant, path, cache headers, raw body) -> the cache key it resolved to."""
+
+    # -- the one entry point --------------------------------------------------------------------
+
+    async def answer(
+        self,
+        request: EngineRequest,
+        *,
+        tenant: str,
+        policy: CachePolicy,
+        stream: bool,
+        render: Render,
+    ) -> Answer:
+        """Answer ``request`` for ``tenant`` (see the module docstring)."""
+        bound = await self.router.resolve(request.model)
+        if any(m.images() for m in request.messages) and not bound.card.accepts_images:
+            raise ImagesNotAcceptedError(request.model)
+        deterministic = is_deterministic(request.params, honours_seed=bound.honours_seed)
+        if not (deterministic or policy.sampled):
+            self.cache.count("bypass")
+            return await self._uncached(bound, request, stream, render)
+        scope = "shared" if self.shared else f"tenant:{tenant}"
+        key = cache_key(request, scope=scope, fingerprint=bound.card.fingerprint)
+        if not policy.refresh:
+            flight = self._flights.get(key)
+            if flight is None:
+                body = await self.cache.lookup(request.model, key, policy.max_age)
+                if body is not None:
+                    return Answer(CacheStatus.HIT, key, body)
+                flight = self._flights.get(key)  # one may have started while we looked
+            if flight is not None:
+                return await self._join(flight, bound, request, stream, render)
+        flight = self._start(bound, request, key, policy, stream, render)
+        return await self._lead(flight)
+
+    # -- the hit fast path ----------------------------------------------------------------------
+
+    def remember(self, request_digest: str, key: str) -> None:
+        """``request_digest`` (of a request's bytes) resolved to ``key``."""
+        self._memo[request_digest] = key
+        self._memo.move_to_end(request_digest)
+        if len(self._memo) > self.MEMO_SIZE:
+            self._memo.popitem(last=False)
+
+    def fast_hit(self, request_digest: str, max_age: float | None) -> tuple[str, bytes] | None:
+        """A byte-identical request seen before whose answer this process holds in memory."""
+        key = self._memo.get(request_digest)
+        if key is None:
+            return None
+        body = self.cache.near.get(key, max_age)
+        if body is None:
+            return None
+        self.cache.count("hit")
+        self.cache.count("near_hits")
+        self.cache.count("fast_hits")
+        return key, body
+
+    def model_changed(self, model: str | None) -> None:
+        """A model was pulled, imported, merged or removed (None: any): bind it anew, and
+        forget which cache key a request's bytes led to (the fingerprint may have changed)."""
+        self.router.forget(model)
+        self._memo.clear()
+
+    async def close(self) -> None:
+        """Cancel the flights still running (at shutdown)."""
+        flights, self._flights = list(self._flights.values()), {}
+        tasks = [f.task for f in flights if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # -- flights --------------------------------------------------------------------------------
+
+    def _start(
+        self,
+        bound: BoundEngine,
+        request: EngineRequest,
+        key: str,
+        policy: CachePolicy,
+        stream: bool,
+        render: Render,
+    ) -> _Flight:
+        flight = _Flight(key, streamed=stream)
+        flight.task = asyncio.create_task(
+            self._fly(flight, bound, request, policy, render), name=f"flight-{key[:12]}"
+        )
+        flight.task.add_done_callback(lambda _: self._landed(flight))
+        self._flights[key] = flight  # a refresh replaces an older flight; that one goes on
+        return flight
+
+    def _landed(self, flight: _Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        task = flight.task
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved here: the requests that read it may all be gone
+
+    def _release(self, flight: _Flight) -> None:
+        """One request less reads ``flight``; the last one out cancels it if it still runs."""
+        flight.interest -= 1
+        task = flight.task
+        if flight.interest > 0 or task is None or task.done():
+            return
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]  # nobody may join it now
+        task.cancel()
+
+    async def _fly(
+        self,
+        flight: _Flight,
+        bound: BoundEngine,
+        request: EngineRequest,
+        policy: CachePolicy,
+        render: Render,
+    ) -> bytes:
+        """The computation itself: cache session, engine, render, store."""
+        session = self.cache.session(
+            request.model,
+            flight.key,
+            refresh=policy.refresh,
+            store=policy.store,
+            max_age=policy.max_age,
+            looked_up=True,  # answer() just missed (or refreshes)
+        )
+        try:
+            async with session:
+                flight.entered.set_result((session.status, session.body))
+                if session.body is not None:
+                    return session.body
+                if flight.chunks is None:
+                    result, finished = await bound.complete(request), True
+                else:
+                    result, finished = await _pump(bound, request, flight.chunks)
+                body = render(result)
+                # stored before the last piece goes out: a client gone now loses nothing
+                await session.commit(body, cacheable=finished and _complete(result))
+        except BaseException as exc:
+            if not flight.entered.done():
+                flight.entered.set_exception(exc)
+                flight.entered.exception()  # retrieved: the starter may be gone
+            if flight.chunks is not None:
+                flight.chunks.put_nowait(exc)
+            if not isinstance(exc, asyncio.CancelledError | CoalescedError):
+                log.debug("computing %s failed: %r", flight.key[:12], exc)
+            raise
+        if flight.chunks is not None:
+            flight.chunks.put_nowait(None)
+        return body
+
+    async def _lead(self, flight: _Flight) -> Answer:
+        """The request that started ``flight`` reads it."""
+        try:
+            status, stored = await asyncio.shield(flight.entered)
+        except BaseException:
+            self._release(flight)
+            raise
+        if stored is not None or flight.chunks is None:
+            try:
+                body = stored if stored is not None else await asyncio.shield(_task(flight))
+            finally:
+                self._release(flight)
+            return Answer(status, flight.key, body)
+        return Answer(status, flight.key, chunks=self._follow(flight))
+
+    async def _follow(self, flight: _Flight) -> AsyncGenerator[EngineChunk, None]:
+        """The live pieces of a streamed flight, for the request that started it."""
+        assert flight.chunks is not None
+        try:
+            while (item := await flight.chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._release(flight)
+
+    async def _join(
+        self,
+        flight: _Flight,
+        bound: BoundEngine,
+        request: EngineRequest,
+        stream: bool,
+        render: Render,
+    ) -> Answer:
+        """An identical request waits for ``flight`` (at most ``wait`` seconds)."""
+        flight.interest += 1
+        try:
+            async with asyncio.timeout(self.wait):
+                body = await asyncio.shield(_task(flight))
+        except TimeoutError:
+            self.cache.count("coalesce_timeouts")
+            return await self._uncached(bound, request, stream, render)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.cache.count("coalesced_errors")
+            raise CoalescedError(describe_error(exc)) from exc
+        finally:
+            self._release(flight)
+        self.cache.count("coalesced")
+        return Answer(CacheStatus.COALESCED, flight.key, body)
+
+    async def _uncached(
+        self, bound: BoundEngine, request: EngineRequest, stream: bool, render: Render
+    ) -> Answer:
+        if stream:
+            return Answer(CacheStatus.BYPASS, chunks=_own(bound.stream(request)))
+        return Answer(CacheStatus.BYPASS, body=render(await bound.complete(request)))
+
+
+def _task(flight: _Flight) -> asyncio.Task[bytes]:
+    assert flight.task is not None
+    return flight.task
+
+
+async def _own(chunks: AsyncIterator[EngineChunk]) -> AsyncGenerator[EngineChunk, None]:
+    """``chunks``, closed when the reader closes this (it may be a plain iterator)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        closer = getattr(chunks, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+async def _pump(
+    bound: BoundEngine,
+    request: EngineRequest,
+    out: asyncio.Queue[EngineChunk | BaseException | None],
+) -> tuple[EngineResult, bool]:
+    """Run a streamed answer, passing each piece on to ``out`` -> the whole answer, and
+    whether the engine finished every choice."""
+    n = request.params.n
+    texts = [""] * n
+    finish: list[str | None] = [None] * n
+    usage = Usage(0, 0)
+    async with contextlib.aclosing(_own(bound.stream(request))) as chunks:
+        async for chunk in chunks:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            texts[chunk.index] += chunk.text
+            if chunk.finish_reason is not None:
+                finish[chunk.index] = chunk.finish_reason
+            out.put_nowait(chunk)
+    reasons: list[Literal["stop", "length"]] = [
+        "length" if f == "length" else "stop" for f in finish
+    ]
+    choices = tuple(Choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons, strict=True)))
+    return EngineResult(choices, usage), all(finish)
+
+
+def _complete(result: EngineResult) -> bool:
+    """Only whole, non-empty answers are stored."""
+    return bool(result.choices) and all(c.text.strip() for c in result.choices)

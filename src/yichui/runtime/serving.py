@@ -1,0 +1,158 @@
+"""The async services of an API process, built from a :class:`~yichui.runtime.Runtime`::
+
+    async with rt.serving() as services:       # started on entry, closed on exit
+        services.inference          # the inference service: the one way to an answer
+        services.router             # the engines, for /v1/models
+        services.cache              # the response cache (counters, breaker state)
+
+Two asyncio Redis clients: the state instance's (model events) and the cache instance's
+(``cache_redis_url``, by default the same URL). Redis down at start is no failure: the API
+serves uncached and the cache's circuit breaker probes until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, TypeVar
+
+from yichui.backoff import Backoff
+from yichui.errors import RedisUnavailableError, StateError
+from yichui.inference.cache import ResponseCache
+from yichui.inference.router import ModelRouter
+from yichui.inference.service import InferenceService
+from yichui.state.connection import (
+    REDIS_ERRORS,
+    AsyncRedis,
+    make_async_client,
+    parse_redis_url,
+)
+from yichui.state.events import model_events
+from yichui.state.response_store import ResponseStore
+
+if TYPE_CHECKING:
+    from yichui.runtime import Runtime
+
+log = logging.getLogger("yichui.api")
+
+UNREACHABLE = "redis://127.0.0.1:1/0"
+"""Stands for a Redis that could not be found at start: every call fails fast (bypass)."""
+
+
+class ServingServices:
+    """Built by :meth:`Runtime.serving`; usable between :meth:`start` and :meth:`close` (or
+    inside ``async with``)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self._state: AsyncRedis | None = None
+        self._cache_client: AsyncRedis | None = None
+        self._cache: ResponseCache | None = None
+        self._router: ModelRouter | None = None
+        self._inference: InferenceService | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def cache(self) -> ResponseCache:
+        return _started(self._cache)
+
+    @property
+    def router(self) -> ModelRouter:
+        return _started(self._router)
+
+    @property
+    def inference(self) -> InferenceService:
+        return _started(self._inference)
+
+    async def start(self) -> None:
+        s, rt = self.settings, self.rt
+        try:  # start (or find) Redis; the API still serves, uncached, when it cannot
+            state_url = rt.state_url()
+        except StateError as exc:
+            log.warning("Redis unavailable at start (%s): serving uncached", exc)
+            state_url = s.redis_url or UNREACHABLE
+        cache_url = s.cache_redis_url or state_url
+        self._state = make_async_client(parse_redis_url(state_url), s)
+        self._cache_client = make_async_client(parse_redis_url(cache_url), s)
+        self._cache = ResponseCache(
+            ResponseStore(self._cache_client, rt.keys),
+            ttl_for=lambda model: s.response_ttl_by_model.get(model, s.response_ttl),
+            jitter=s.ttl_jitter,
+            timeout=s.cache_timeout,
+            wait=s.cache_wait,
+            near_ttl=s.cache_near_ttl,
+            near_bytes=s.cache_near_bytes,
+        )
+        await self._cache.start()
+        self._router = ModelRouter(await asyncio.to_thread(rt.engines))
+        self._inference = InferenceService(
+            self._router, self._cache, shared=s.cache_shared, wait=s.cache_wait
+        )
+        self._watcher = asyncio.create_task(self._watch_models(), name="model-events")
+
+    async def __aenter__(self) -> ServingServices:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._inference is not None:
+            await self._inference.close()
+        if self._cache is not None:
+            await self._cache.close()
+        if self._router is not None:
+            await self._router.close()
+        for client in (self._state, self._cache_client):
+            if client is not None:
+                await client.aclose()
+
+    async def _watch_models(self) -> None:
+        """Forget a model's binding the moment it is pulled, imported, merged or removed, so
+        its new fingerprint (and so new cache keys) apply at once, not after CARD_TTL."""
+        assert self._state is not None and self._inference is not None
+        backoff = Backoff(first=0.5, cap=10.0)
+        while True:
+            try:
+                async for event in model_events(self._state, self.rt.keys):
+                    backoff.reset()
+                    name = event.get("name")
+                    self._inference.model_changed(str(name) if name else None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: the binding TTL still bounds staleness
+                log.debug("model events: %r", exc)
+            await backoff.sleep()
+
+
+T = TypeVar("T")
+
+
+def _started(value: T | None) -> T:
+    if value is None:
+        raise RuntimeError("the serving services are not started")
+    return value
+
+
+@contextlib.asynccontextmanager
+async def cache_store(rt: Runtime) -> AsyncIterator[ResponseStore]:
+    """The response cache's store on its own client, for the CLI (``yichui cache``);
+    RedisUnavailableError (one line) when the cache's Redis does not answer."""
+    target = rt.cache_target()
+    client = make_async_client(target, rt.settings)
+    try:
+        try:
+            await client.ping()
+        except REDIS_ERRORS as exc:
+            raise RedisUnavailableError(target.display, str(exc) or type(exc).__name__) from exc
+        yield ResponseStore(client, rt.keys)
+    finally:
+        await client.aclose()
