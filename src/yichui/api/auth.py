@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from yichui.api.deps import SettingsDep
+from yichui.api.deps import services_of
 from yichui.errors import AuthenticationError
 
 LOCAL_TENANT = "local"
@@ -41,10 +41,10 @@ def tenant_for(keys: dict[str, str], header: str) -> str | None:
     return None
 
 
-async def tenant_of(request: Request, settings: SettingsDep) -> str:
+async def tenant_of(request: Request) -> str:
     """The request's tenant; 401 without a key, or with one nobody issued."""
     header = request.headers.get("authorization", "")
-    tenant = tenant_for(settings.api_keys, header)
+    tenant = tenant_for(services_of(request).settings.api_keys, header)
     if tenant is not None:
         return tenant
     if bearer_token(header) is None:

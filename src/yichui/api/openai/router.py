@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
 from yichui.api.auth import TenantDep
-from yichui.api.deps import InferenceDep, RouterDep, SettingsDep
+from yichui.api.deps import InferenceDep, RouterDep, ServicesDep
 from yichui.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from yichui.api.openai.serving import respond
 from yichui.inference.engine import ModelCard
@@ -29,15 +29,14 @@ def _model(card: ModelCard) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionRequest,
     tenant: TenantDep,
-    inference: InferenceDep,
-    settings: SettingsDep,
+    services: ServicesDep,
     cache_control: CacheControl = None,
     cache_policy: CachePolicyHeader = None,
 ) -> Response:
     """Chat completions, streamed or not, through the response cache."""
     return await respond(
-        inference,
-        body.to_engine(settings.image_file_roots),
+        services.inference,
+        body.to_engine(services.settings.image_file_roots),
         tenant=tenant,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
