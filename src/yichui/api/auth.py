@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from yichui.api.deps import services_of
 from yichui.errors import AuthenticationError
+from yichui.runtime.serving import ServingServices
 
 LOCAL_TENANT = "local"
 """The one tenant of local mode (no API keys configured)."""
@@ -41,10 +43,10 @@ def tenant_for(keys: dict[str, str], header: str) -> str | None:
     return None
 
 
-async def tenant_of(request: Request) -> str:
+def authenticate(request: Request, services: ServingServices) -> str:
     """The request's tenant; 401 without a key, or with one nobody issued."""
     header = request.headers.get("authorization", "")
-    tenant = tenant_for(services_of(request).settings.api_keys, header)
+    tenant = tenant_for(services.settings.api_keys, header)
     if tenant is not None:
         return tenant
     if bearer_token(header) is None:
@@ -52,4 +54,23 @@ async def tenant_of(request: Request) -> str:
     raise AuthenticationError("invalid API key")
 
 
+async def tenant_of(request: Request) -> str:
+    return authenticate(request, services_of(request))
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks (``tenant``, authenticated) and the services that answer: what a route on the
+    hit path needs, as one dependency (FastAPI's solving costs the hit path ~30 µs for each)."""
+
+    tenant: str
+    services: ServingServices
+
+
+async def caller_of(request: Request) -> Caller:
+    services = services_of(request)
+    return Caller(authenticate(request, services), services)
+
+
 TenantDep = Annotated[str, Depends(tenant_of)]
+CallerDep = Annotated[Caller, Depends(caller_of)]

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
-from yichui.api.auth import TenantDep
-from yichui.api.deps import InferenceDep, RouterDep, ServicesDep
+from yichui.api.auth import CallerDep, TenantDep
+from yichui.api.deps import RouterDep
 from yichui.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from yichui.api.openai.serving import respond
 from yichui.inference.engine import ModelCard
@@ -28,16 +28,16 @@ def _model(card: ModelCard) -> dict[str, Any]:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest,
-    tenant: TenantDep,
-    services: ServicesDep,
+    caller: CallerDep,
     cache_control: CacheControl = None,
     cache_policy: CachePolicyHeader = None,
 ) -> Response:
     """Chat completions, streamed or not, through the response cache."""
+    services = caller.services
     return await respond(
         services.inference,
         body.to_engine(services.settings.image_file_roots),
-        tenant=tenant,
+        tenant=caller.tenant,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         policy=CachePolicy.from_headers(cache_control, cache_policy),
@@ -47,16 +47,15 @@ async def chat_completions(
 @router.post("/completions", response_model=None)
 async def completions(
     body: CompletionRequest,
-    tenant: TenantDep,
-    inference: InferenceDep,
+    caller: CallerDep,
     cache_control: CacheControl = None,
     cache_policy: CachePolicyHeader = None,
 ) -> Response:
     """Text completions, streamed or not, through the response cache."""
     return await respond(
-        inference,
+        caller.services.inference,
         body.to_engine(),
-        tenant=tenant,
+        tenant=caller.tenant,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         policy=CachePolicy.from_headers(cache_control, cache_policy),
