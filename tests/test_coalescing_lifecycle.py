@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
@@ -178,7 +178,7 @@ async def ask(svc: InferenceService, prompt: str, *, stream: bool) -> tuple[int,
 
 async def _settle(*services: InferenceService) -> None:
     for _ in range(500):
-        if not any(s._flights for s in services):
+        if not any(s.running for s in services):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("flights still running")
@@ -243,3 +243,39 @@ async def test_a_leader_alone_cancelled_leaves_nothing_behind(
         if not leader.fired:
             break
     assert not leader.fired
+
+
+async def test_a_fault_on_the_lookup_bypasses_the_cache_at_once(settings: Settings) -> None:
+    """The first Redis call of a request failing (a timeout on a loaded box) sends it straight
+    to the engine (``bypass``), as the cache promises: no lock taken, nothing more asked."""
+
+    class FlakyStore(ResponseStore):
+        calls: ClassVar[Counter[str]] = Counter()
+
+        async def get(self, model: str, digest: str) -> Any:
+            self.calls["get"] += 1
+            if self.calls["get"] == 1:
+                raise TimeoutError("injected: Redis too slow")
+            return await super().get(model, digest)
+
+        async def lock(self, *args: Any, **kwargs: Any) -> str | None:
+            self.calls["lock"] += 1
+            return await super().lock(*args, **kwargs)
+
+    client = make_async_client(parse_redis_url(str(settings.redis_url)), settings)
+    store = FlakyStore(client, Keys())
+    cache = ResponseCache(store, ttl_for=lambda m: 60, timeout=1.0)
+    engine = StepEngine()
+    svc = InferenceService(ModelRouter([engine]), cache, shared=True)
+    try:
+        first = await ask(svc, "flaky", stream=False)
+        assert first == (200, answer_for("flaky"), "bypass")
+        assert store.calls == {"get": 1} and cache.counts["faults"] == 1
+        second = await ask(svc, "flaky", stream=False)  # Redis answers again: a real miss
+        assert second[2] == "miss" and store.calls["lock"] == 1
+        assert (await ask(svc, "flaky", stream=False))[2] == "hit"
+        assert engine.calls["flaky"] == 2
+    finally:
+        await svc.close()
+        await cache.close()
+        await client.aclose()

@@ -145,26 +145,29 @@ class ResponseCache:
         base = self.ttl_for(model)
         return max(1, round(base * (1.0 + random.uniform(-self.jitter, self.jitter))))
 
-    async def lookup(self, model: str, key: str, max_age: float | None = None) -> bytes | None:
-        """The stored answer (near cache first, then Redis), counted as a hit; None on a miss,
-        a fault or an entry older than ``max_age`` seconds (which is then recomputed)."""
+    async def lookup(
+        self, model: str, key: str, max_age: float | None = None
+    ) -> tuple[bytes | None, bool]:
+        """(the stored answer, counted as a hit, or None, whether Redis answered). None on a
+        miss or an entry older than ``max_age`` seconds (it is then recomputed); ``False`` on a
+        fault or an open breaker: the request goes on uncached, asking Redis nothing more."""
         near = self.near.get(key, max_age)
         if near is not None:
             self.count("hit")
             self.count("near_hits")
-            return near
+            return near, True
         store = self.store
         if store is None or self.breaker.state == "open":
-            return None
+            return None, False
         ok, entry = await self._call(lambda: store.get(model, key))
         if not ok or entry is None:
-            return None
+            return None, ok
         created = float(entry[0].get("created", 0))
         if max_age is not None and time.time() - created > max_age:
-            return None
+            return None, True
         self.near.put(key, model, entry[1], created, self.near_ttl)
         self.count("hit")
-        return entry[1]
+        return entry[1], True
 
     def session(
         self,
@@ -175,11 +178,20 @@ class ResponseCache:
         store: bool = True,
         max_age: float | None = None,
         looked_up: bool = False,
+        reachable: bool = True,
     ) -> CacheSession:
-        """One computation's way through the cache (see :class:`CacheSession`); ``looked_up``:
-        :meth:`lookup` just missed, so the session starts at the lock."""
+        """One computation's way through the cache (see :class:`CacheSession`). ``looked_up``:
+        :meth:`lookup` just missed, so the session starts at the lock; ``reachable=False``: it
+        just found Redis failing, so the session bypasses the cache at once."""
         return CacheSession(
-            self, model, key, refresh=refresh, store=store, max_age=max_age, looked_up=looked_up
+            self,
+            model,
+            key,
+            refresh=refresh,
+            store=store,
+            max_age=max_age,
+            looked_up=looked_up,
+            reachable=reachable,
         )
 
     # -- waiting on other processes ------------------------------------------------------------
@@ -240,6 +252,7 @@ class CacheSession:
         store: bool,
         max_age: float | None = None,
         looked_up: bool = False,
+        reachable: bool = True,
     ) -> None:
         self.cache = cache
         self.model = model
@@ -248,6 +261,7 @@ class CacheSession:
         self.store_allowed = store
         self.max_age = max_age
         self.looked_up = looked_up
+        self.reachable = reachable
         self.body: bytes | None = None
         """The response body (JSON bytes) of a hit or a coalesced answer."""
         self.status = CacheStatus.MISS
@@ -266,13 +280,13 @@ class CacheSession:
     async def _enter(self) -> None:
         c = self.cache
         if not (self.refresh or self.looked_up):
-            body = await c.lookup(self.model, self.key, self.max_age)
+            body, self.reachable = await c.lookup(self.model, self.key, self.max_age)
             if body is not None:
                 self._resolve(body, CacheStatus.HIT, count=False)  # lookup() counted it
                 return
             self.looked_up = True
         store = c.store
-        if store is None or c.breaker.state == "open":
+        if store is None or not self.reachable or c.breaker.state == "open":
             self._bypass()
             return
         await self._acquire(store)

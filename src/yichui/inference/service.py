@@ -125,6 +125,10 @@ class InferenceService:
         self.shared = shared
         self.wait = wait
         self._flights: dict[str, _Flight] = {}
+        """Key -> the flight identical requests join (one per key)."""
+        self.running: set[asyncio.Task[bytes]] = set()
+        """Every flight's task until it ends: replaced and cancelled ones too, which may still be
+        letting their lock go."""
         self._memo: OrderedDict[str, str] = OrderedDict()
         """Digest of (tenant, path, cache headers, raw body) -> the cache key it resolved to."""
 
@@ -149,16 +153,17 @@ class InferenceService:
             return await self._uncached(bound, request, stream, render)
         scope = "shared" if self.shared else f"tenant:{tenant}"
         key = cache_key(request, scope=scope, fingerprint=bound.card.fingerprint)
+        reachable = True
         if not policy.refresh:
             flight = self._flights.get(key)
             if flight is None:
-                body = await self.cache.lookup(request.model, key, policy.max_age)
+                body, reachable = await self.cache.lookup(request.model, key, policy.max_age)
                 if body is not None:
                     return Answer(CacheStatus.HIT, key, body)
                 flight = self._flights.get(key)  # one may have started while we looked
             if flight is not None:
                 return await self._join(flight, bound, request, stream, render)
-        flight = self._start(bound, request, key, policy, stream, render)
+        flight = self._start(bound, request, key, policy, stream, render, reachable)
         return await self._lead(flight)
 
     # -- the hit fast path ----------------------------------------------------------------------
@@ -190,9 +195,9 @@ class InferenceService:
         self._memo.clear()
 
     async def close(self) -> None:
-        """Cancel the flights still running (at shutdown)."""
-        flights, self._flights = list(self._flights.values()), {}
-        tasks = [f.task for f in flights if f.task is not None]
+        """Cancel the flights still running (at shutdown), and wait for them to let go."""
+        self._flights = {}
+        tasks = list(self.running)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -208,11 +213,14 @@ class InferenceService:
         policy: CachePolicy,
         stream: bool,
         render: Render,
+        reachable: bool,
     ) -> _Flight:
         flight = _Flight(key, streamed=stream)
         flight.task = asyncio.create_task(
-            self._fly(flight, bound, request, policy, render), name=f"flight-{key[:12]}"
+            self._fly(flight, bound, request, policy, render, reachable),
+            name=f"flight-{key[:12]}",
         )
+        self.running.add(flight.task)
         flight.task.add_done_callback(lambda _: self._landed(flight))
         self._flights[key] = flight  # a refresh replaces an older flight; that one goes on
         return flight
@@ -221,6 +229,8 @@ class InferenceService:
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
         task = flight.task
+        if task is not None:
+            self.running.discard(task)
         if task is not None and not task.cancelled():
             task.exception()  # retrieved here: the requests that read it may all be gone
 
@@ -241,6 +251,7 @@ class InferenceService:
         request: EngineRequest,
         policy: CachePolicy,
         render: Render,
+        reachable: bool,
     ) -> bytes:
         """The computation itself: cache session, engine, render, store."""
         session = self.cache.session(
@@ -250,6 +261,7 @@ class InferenceService:
             store=policy.store,
             max_age=policy.max_age,
             looked_up=True,  # answer() just missed (or refreshes)
+            reachable=reachable,  # a fault just now: bypass, ask Redis nothing more
         )
         try:
             async with session:
