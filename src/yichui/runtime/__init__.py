@@ -34,12 +34,12 @@ from yichui.state.model_status import ModelStatusStore
 from yichui.state.task_store import TaskStore
 from yichui.tasks.service import TaskService
 from yichui.tasks.types import TaskTypes
-from yichui.training.service import TrainingService
 
 if TYPE_CHECKING:
     from yichui.inference.engine import Engine
     from yichui.runtime.serving import ServingServices
     from yichui.tasks.worker import Worker
+    from yichui.training.service import TrainingService
 
 
 class Runtime:
@@ -147,6 +147,8 @@ class Runtime:
     # -- training -------------------------------------------------------------------------------
     @cached_property
     def training(self) -> TrainingService:
+        from yichui.training.service import TrainingService  # not needed to serve requests
+
         return TrainingService(self.settings, self.registry, self.tasks, self.eval_store)
 
     def eval_store(self) -> EvalResultStore | None:
