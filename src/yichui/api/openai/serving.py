@@ -37,10 +37,15 @@ async def respond(
     policy: CachePolicy,
 ) -> Response:
     """Answer an OpenAI chat or text completion: JSON, or server-sent events."""
-    head = _head(request)
+    heads: list[dict[str, Any]] = []
 
-    def render(result: EngineResult) -> bytes:
-        return orjson.dumps(build_body(request, result, head=head))
+    def head() -> dict[str, Any]:  # made when an answer is made, not for a hit
+        if not heads:
+            heads.append(_head(request))
+        return heads[0]
+
+    def render(result: EngineResult) -> bytes:  # the stored body shares a stream's id
+        return orjson.dumps(build_body(request, result, head=head()))
 
     try:
         answer = await inference.answer(
@@ -57,7 +62,7 @@ async def respond(
             return _sse(_replay(orjson.loads(answer.body), request.kind, include_usage), headers)
         return _json(answer.body, headers)  # the stored bytes, as they are
     assert answer.chunks is not None
-    return _sse(_events(answer.chunks, request, head, include_usage), headers)
+    return _sse(_events(answer.chunks, request, head(), include_usage), headers)
 
 
 async def _events(
