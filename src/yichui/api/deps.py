@@ -1,8 +1,9 @@
 """Typed FastAPI dependencies: what a route may ask for, as type aliases::
 
-    @router.post("/chat/completions")
-    async def chat(body: ChatCompletionRequest, tenant: TenantDep, services: ServicesDep): ...
+    @router.get("/models")
+    async def list_models(tenant: TenantDep, models: RouterDep): ...
 
+Routes on the hit path take ``CallerDep`` (``api/auth.py``: the tenant and the services in one).
 The services come from the composition root (:meth:`yichui.runtime.Runtime.serving`), built
 once per app by :func:`yichui.api.app.create_app`: :func:`services_of` is the one place that
 reads them off the app.
@@ -18,9 +19,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from yichui.config import Settings
 from yichui.inference.router import ModelRouter
-from yichui.inference.service import InferenceService
 from yichui.runtime.serving import ServingServices
 
 
@@ -30,23 +29,8 @@ def services_of(request: Request) -> ServingServices:
     return services
 
 
-async def get_services(request: Request) -> ServingServices:
-    return services_of(request)
-
-
-async def get_settings(request: Request) -> Settings:
-    return services_of(request).settings
-
-
-async def get_inference(request: Request) -> InferenceService:
-    return services_of(request).inference
-
-
 async def get_router(request: Request) -> ModelRouter:
     return services_of(request).router
 
 
-ServicesDep = Annotated[ServingServices, Depends(get_services)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-InferenceDep = Annotated[InferenceService, Depends(get_inference)]
 RouterDep = Annotated[ModelRouter, Depends(get_router)]
