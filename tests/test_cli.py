@@ -164,3 +164,22 @@ def test_doctor(settings: Settings) -> None:
     assert {"redis", "models root", "data dir", "extra [ml]", "extra [hub]"} <= names
     redis_check = next(c for c in report["checks"] if c["name"] == "redis")
     assert "Redis 7" in redis_check["detail"] or "Redis 6" in redis_check["detail"]
+
+
+def test_no_arguments_prints_the_help(settings: Settings) -> None:
+    for args in ((), ("models",)):
+        proc = run(settings, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert "Usage: yichui" in proc.stdout and "Commands" in proc.stdout
+        assert proc.stderr == ""
+
+
+def test_usage_errors_are_one_line_with_exit_2(settings: Settings) -> None:
+    proc = run(settings, "nope")
+    assert_one_line_error(proc, 2, "No such command 'nope'")
+    assert proc.stderr.splitlines()[1] == "hint: yichui --help shows the usage"
+    proc = run(settings, "models", "list", "--bogus")
+    assert_one_line_error(proc, 2, "No such option: --bogus")
+    assert "yichui models list --help" in proc.stderr
+    proc = run(settings, "models", "status")
+    assert_one_line_error(proc, 2, "Missing argument")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
-import click
 import typer
+from rich.markup import escape
 
 from yichui import __version__
 from yichui.cli import (
@@ -71,6 +71,22 @@ def root(
     ctx.call_on_close(ctx.obj.close)
 
 
+def _usage_error(exc: typer.TyperException) -> NoReturn:
+    """Typer's own errors (usage, bad parameter, file): one line, a hint, click's exit code."""
+    # typer builds NoArgsIsHelpError's message with ctx.get_help(), which (rich) has printed the
+    # help already; without rich the message is the help. Asking for nothing is asking for help.
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        if exc.message.strip():
+            typer.echo(exc.message)
+        sys.exit(0)
+    err_console.print(f"[red]error:[/red] {escape(exc.format_message())}", highlight=False)
+    ctx = getattr(exc, "ctx", None)  # a usage error's command, for the hint
+    if ctx is not None:
+        hint = f"hint: {escape(ctx.command_path)} --help shows the usage"
+        err_console.print(hint, highlight=False)
+    sys.exit(exc.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; map every error to one line on stderr and a non-zero exit code."""
     debug = os.environ.get("YICHUI_DEBUG", "") not in ("", "0", "false")
@@ -84,12 +100,13 @@ def main(argv: list[str] | None = None) -> None:
         if exc.hint:
             err_console.print(f"hint: {exc.hint}", highlight=False)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    # typer 0.29 vendors click: its usage errors are TyperExceptions (not click's), its Exit
+    # and Abort its own; with standalone_mode=False it raises them for us to print.
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.TyperException as exc:
+        _usage_error(exc)
+    except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:
