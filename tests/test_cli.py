@@ -135,6 +135,18 @@ def test_bad_configuration(settings: Settings, tmp_path: Path) -> None:
     assert_one_line_error(proc, 2, "does not exist")
 
 
+def test_setting_errors_are_the_ones_documented(settings: Settings) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for env, message in (
+        ({"YICHUI_TASK_HEARTBEAT": "20"}, "task_heartbeat must be at most half of task_lease"),
+        ({"YICHUI_INFERENCE_DTYPE": "bogus"}, "inference_dtype: Input should be 'auto', 'bf"),
+    ):
+        proc = run(settings, "models", "list", **env)  # refused at load, by every command
+        assert_one_line_error(proc, 2, message)
+        quoted = proc.stderr.splitlines()[0].removeprefix("error: ")
+        assert f"`{quoted}`" in doc, quoted
+
+
 def test_config_file(settings: Settings, root: Path, tmp_path: Path) -> None:
     other = tmp_path / "other-root"
     make_model(other, "from-config")
