@@ -188,6 +188,37 @@ def test_same_image_bytes_same_key(
     assert _status(third) == "miss"
 
 
+def test_image_detail_levels(client: openai.OpenAI, fresh: FakeUpstream) -> None:
+    data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+    def ask(**detail: str) -> Any:
+        image = {"type": "image_url", "image_url": {"url": data_url, **detail}}
+        messages: Any = [{"role": "user", "content": [{"type": "text", "text": "what"}, image]}]
+        raw = client.chat.completions.with_raw_response.create(
+            model="echo", temperature=0, messages=messages
+        )
+        raw.parse()
+        return raw
+
+    def sent() -> dict[str, Any]:
+        image: dict[str, Any] = fresh.last.body["messages"][0]["content"][1]["image_url"]
+        return image
+
+    low = ask(detail="low")
+    assert _status(low) == "miss" and sent() == {"url": data_url, "detail": "low"}
+    high = ask(detail="high")
+    assert _status(high) == "miss" and sent() == {"url": data_url, "detail": "high"}
+    assert low.headers["x-yichui-cache-key"] != high.headers["x-yichui-cache-key"]
+    assert _status(ask(detail="low")) == "hit"
+    auto = ask(detail="auto")
+    assert _status(auto) == "miss" and sent() == {"url": data_url}  # auto: left out
+    omitted = ask()
+    assert _status(omitted) == "hit"
+    assert omitted.headers["x-yichui-cache-key"] == auto.headers["x-yichui-cache-key"]
+    assert auto.headers["x-yichui-cache-key"].startswith("rc2-")
+    assert len(fresh.requests) == 3
+
+
 def test_concurrent_identical_requests_compute_once(
     server: ServerProcess, redis_server: RedisProcess, fresh: FakeUpstream, tmp_path: Path
 ) -> None:

@@ -14,8 +14,14 @@ from tests.redis_proc import RedisProcess, free_port
 from yichui.config import Settings, load_settings
 from yichui.errors import CoalescedError
 from yichui.inference.cache import Breaker, CacheStatus, ResponseCache
-from yichui.inference.cache_key import cache_key, is_deterministic, key_document
-from yichui.inference.engine import EngineRequest, GenerationParams, ImagePart, Message
+from yichui.inference.cache_key import KEY_VERSION, cache_key, is_deterministic, key_document
+from yichui.inference.engine import (
+    EngineRequest,
+    GenerationParams,
+    ImageDetail,
+    ImagePart,
+    Message,
+)
 from yichui.state.connection import make_async_client, parse_redis_url
 from yichui.state.keys import Keys
 from yichui.state.response_store import ResponseStore
@@ -86,8 +92,24 @@ def test_images_enter_by_their_bytes() -> None:
     assert _key(with_image(b"\x89PNG one")) != _key(with_image(b"\x89PNG two"))
     doc = key_document(with_image(b"\x89PNG secret bytes"), scope="s", fingerprint="f")
     image = doc["messages"][0]["content"][1]
-    assert set(image) == {"t", "sha256", "media_type"}  # the digest stands for the bytes
+    assert set(image) == {"t", "sha256", "media_type", "detail"}  # the digest stands for the bytes
     assert "secret bytes" not in str(doc)
+
+
+def test_image_detail_changes_the_key() -> None:
+    def with_detail(*detail: ImageDetail) -> EngineRequest:
+        data = b"\x89PNG same bytes"
+        part = ImagePart(data, "image/png", "d" * 64, *detail)
+        return EngineRequest(
+            M, "chat", GenerationParams(temperature=0.0), (Message("user", ("describe", part)),)
+        )
+
+    low, high = _key(with_detail("low")), _key(with_detail("high"))
+    assert low != high and _key(with_detail("auto")) not in (low, high)
+    assert _key(with_detail("auto")) == _key(with_detail())  # omitted is auto
+    assert low.startswith(f"rc{KEY_VERSION}-") and KEY_VERSION == 2  # 1 had no detail
+    doc = key_document(with_detail("low"), scope="s", fingerprint="f")
+    assert doc["v"] == 2 and doc["messages"][0]["content"][1]["detail"] == "low"
 
 
 def test_determinism_policy() -> None:

@@ -209,6 +209,23 @@ async def test_images_sent_as_data_urls(engine: UpstreamEngine, upstream: FakeUp
     ]
 
 
+async def test_image_detail_passed_on(engine: UpstreamEngine, upstream: FakeUpstream) -> None:
+    image = ImagePart(PNG, "image/png", hashlib.sha256(PNG).hexdigest(), "low")
+    request = EngineRequest(
+        model="vision",
+        kind="chat",
+        params=GenerationParams(),
+        messages=(Message("user", ("look", image)),),
+    )
+    await engine.complete(request)
+    sent = upstream.last.body["messages"][0]["content"][1]["image_url"]
+    assert sent == {
+        "url": "data:image/png;base64," + base64.b64encode(PNG).decode(),
+        "detail": "low",
+    }
+    # auto (the default) is left out: see test_images_sent_as_data_urls
+
+
 async def test_images_refused_when_not_accepted(
     engine: UpstreamEngine, upstream: FakeUpstream
 ) -> None:

@@ -3,18 +3,20 @@
 The key is the SHA-256 of one canonical JSON document (sorted keys, numbers normalised by
 parameter type, no whitespace) holding everything that changes the output::
 
-    {"v": 1, "scope": <tenant or "shared">, "endpoint": "chat" | "completion",
+    {"v": 2, "scope": <tenant or "shared">, "endpoint": "chat" | "completion",
      "model": <resolved name>, "fingerprint": <weights fingerprint>,
      "params": {every GenerationParams field, defaults filled in},
      "messages": [{"role", "name", "content": [{"t": "text", "text"} | {"t": "image",
-                   "sha256", "media_type"}]}]   (chat)
+                   "sha256", "media_type", "detail"}]}]   (chat)
      "prompt": <text>                           (completion)}
 
 Images enter by the digest of their bytes, so a base64 data URL and a file with the same bytes
-give the same key, and a URL (whose bytes may change) is never identity. Text parts of a message
-are joined the way the engines join them, so ``"hi"`` and ``[{"type": "text", "text": "hi"}]``
-are one key. ``stream`` is not part of the key: a streamed answer and a whole one are the same
-answer. Bump :data:`KEY_VERSION` whenever the document changes meaning.
+give the same key, and a URL (whose bytes may change) is never identity. An image's ``detail``
+is part of it (``auto`` when omitted): a vision model may answer differently at another level.
+Text parts of a message are joined the way the engines join them, so ``"hi"`` and
+``[{"type": "text", "text": "hi"}]`` are one key. ``stream`` is not part of the key: a
+streamed answer and a whole one are the same answer. Bump :data:`KEY_VERSION` whenever the
+document changes meaning.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import orjson
 
 from yichui.inference.engine import EngineRequest, GenerationParams, ImagePart, Message
 
-KEY_VERSION = 1
+KEY_VERSION = 2
+"""2: an image part carries its ``detail`` (1 had none; its entries are never read again)."""
 
 _FLOAT_PARAMS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
 _INT_PARAMS = frozenset({"max_tokens", "n", "seed"})
@@ -60,7 +63,14 @@ def _content(message: Message) -> list[dict[str, Any]]:
             if text:
                 parts.append({"t": "text", "text": "".join(text)})
                 text = []
-            parts.append({"t": "image", "sha256": part.sha256, "media_type": part.media_type})
+            parts.append(
+                {
+                    "t": "image",
+                    "sha256": part.sha256,
+                    "media_type": part.media_type,
+                    "detail": part.detail,
+                }
+            )
         else:
             text.append(part)
     if text and "".join(text):

@@ -19,14 +19,21 @@ if TYPE_CHECKING:
 DEFAULT_MAX_TOKENS = 256
 """``max_tokens`` when a request gives none (OpenAI's "up to the context" is too much for a CPU)."""
 
+ImageDetail = Literal["auto", "low", "high"]
+"""How closely a vision model should look at an image (OpenAI's ``image_url.detail``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ImagePart:
-    """An image content part, as bytes: a data URL decoded, or a local file read."""
+    """An image content part, as bytes: a data URL decoded, or a local file read.
+
+    ``detail`` is passed on to engines that apply it (upstreams); the others ignore it. It can
+    change the answer, so the response cache keys on it."""
 
     data: bytes
     media_type: str
     sha256: str
+    detail: ImageDetail = "auto"
 
 
 @dataclass(frozen=True, slots=True)

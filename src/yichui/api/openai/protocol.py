@@ -23,6 +23,7 @@ from yichui.inference.engine import (
     DEFAULT_MAX_TOKENS,
     EngineRequest,
     GenerationParams,
+    ImageDetail,
     ImagePart,
     Message,
 )
@@ -47,8 +48,9 @@ class TextPart(_Strict):
 
 class ImageURL(_Strict):
     url: str = Field(min_length=1)
-    detail: Literal["auto"] | None = None
-    """Only ``auto``: other detail levels would change the answer and are not applied."""
+    detail: ImageDetail | None = "auto"
+    """``auto`` when omitted or ``null`` (as accepted before); passed on to upstreams, and part
+    of the cache key, since it can change the answer."""
 
 
 class ImageURLPart(_Strict):
@@ -183,7 +185,8 @@ def _content(
             parts.append(part.text)
         else:
             where = f"messages.{index}.content.{j}.image_url.url"
-            parts.append(load_image(part.image_url.url, where, roots))
+            detail = part.image_url.detail or "auto"
+            parts.append(load_image(part.image_url.url, where, roots, detail=detail))
     return tuple(parts)
 
 
@@ -197,7 +200,9 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def load_image(url: str, where: str, roots: list[Path]) -> ImagePart:
+def load_image(
+    url: str, where: str, roots: list[Path], *, detail: ImageDetail = "auto"
+) -> ImagePart:
     """An image from a base64 data URL or a local file under ``roots``; 400 otherwise."""
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
@@ -214,7 +219,7 @@ def load_image(url: str, where: str, roots: list[Path]) -> ImagePart:
     media_type = sniff(data)
     if media_type is None:
         raise RequestError("not an image (PNG, JPEG, GIF, WebP or BMP expected)", param=where)
-    return ImagePart(data, media_type, hashlib.sha256(data).hexdigest())
+    return ImagePart(data, media_type, hashlib.sha256(data).hexdigest(), detail)
 
 
 def _read_local(url: str, where: str, roots: list[Path]) -> bytes:

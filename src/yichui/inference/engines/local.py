@@ -13,7 +13,7 @@ How a request is run:
   tokenizer's chat template (with the generation prompt); a tokenizer without one gets
   :func:`~yichui.ml.prompts.fallback_chat_prompt`. A completion's prompt is used as is. Image
   parts are refused (:class:`~yichui.errors.ImagesNotAcceptedError`): no local model takes
-  them yet.
+  them yet, so an image's ``detail`` is never applied here.
 - Decoding is always transformers' greedy loop; sampling (``temperature > 0``) happens in a
   logits processor of ours that draws the token with a per-request ``torch.Generator`` and
   leaves only it standing. So a seed gives the same text every time, whatever else the process

@@ -309,12 +309,12 @@ def _message(message: Message) -> dict[str, Any]:
                 parts.append({"type": "text", "text": part})
             else:
                 b64 = base64.b64encode(part.data).decode("ascii")
-                parts.append(
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": f"data:{part.media_type};base64,{b64}"},
-                    }
-                )
+                image: dict[str, Any] = {"url": f"data:{part.media_type};base64,{b64}"}
+                if part.detail != "auto":
+                    # auto is OpenAI's default: left out, the body is what it was before
+                    # detail was passed on, for servers whose schema lacks the field
+                    image["detail"] = part.detail
+                parts.append({"type": "image_url", "image_url": image})
         out["content"] = parts
     if message.name is not None:
         out["name"] = message.name
