@@ -219,6 +219,55 @@ def test_image_detail_levels(client: openai.OpenAI, fresh: FakeUpstream) -> None
     assert len(fresh.requests) == 3
 
 
+def _part_body(content: Any) -> bytes:
+    return json.dumps(
+        {"model": "echo", "messages": [{"role": "user", "content": content}]}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "param", "says"),
+    [
+        (
+            [
+                {"type": "text", "text": "hi"},
+                {"type": "image_url", "image_url": {"url": "x", "detail": "bogus"}},
+            ],
+            "messages.0.content.1.image_url.detail",
+            "'auto', 'low' or 'high'",
+        ),
+        (
+            [{"type": "picture", "url": "x"}],
+            "messages.0.content.0.type",
+            "unknown type 'picture': expected 'text' or 'image_url'",
+        ),
+        ([{"text": "hi"}], "messages.0.content.0.type", "Field required"),
+        ([{"type": "text", "text": 5}], "messages.0.content.0.text", "valid string"),
+        (
+            [{"type": "image_url", "image_url": {}}],
+            "messages.0.content.0.image_url.url",
+            "required",
+        ),
+        (5, "messages.0.content", "a valid string or a valid list"),
+        ({"type": "text", "text": "hi"}, "messages.0.content", "a valid string or a valid list"),
+    ],
+)
+def test_validation_names_the_wrong_part(
+    server: ServerProcess, fresh: FakeUpstream, content: Any, param: str, says: str
+) -> None:
+    resp = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=_part_body(content),
+        headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
+    )
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(f"{param}: ") and says in error["message"], error
+    assert "content.str" not in error["message"] and "list[" not in error["message"]
+    assert fresh.requests == []
+
+
 def test_concurrent_identical_requests_compute_once(
     server: ServerProcess, redis_server: RedisProcess, fresh: FakeUpstream, tmp_path: Path
 ) -> None:
