@@ -72,3 +72,13 @@ bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, task
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info
+
+# promtool (Debian's prometheus package) for tests/test_deploy.py: installed when missing and make
+# runs as root (CI), else a one-line hint (the test then fails with the same hint)
+.PHONY: promtool
+pytest quick: promtool
+promtool:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
+	  { apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }; } || \
+	  echo 'make test needs promtool: apt-get install prometheus (Debian)'
