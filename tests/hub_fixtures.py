@@ -4,7 +4,6 @@ that speaks just enough of the Hugging Face and ModelScope APIs for a pull."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import threading
@@ -19,10 +18,6 @@ import pytest
 
 from yichui.errors import (
     ModelBusyError,
-)
-
-needs_modelscope = pytest.mark.skipif(
-    importlib.util.find_spec("modelscope_hub") is None, reason="modelscope_hub is not installed"
 )
 
 REPO = "acme/tiny-llm"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from yichui.errors import (
 from yichui.models.sources.base import PullSpec
 from yichui.models.sources.modelscope import ModelScopeSource
 
-pytest.importorskip("huggingface_hub")
+# The SDK's package by name, not imported: importing modelscope imports torch (seconds).
+if importlib.util.find_spec("modelscope") is None:
+    pytest.skip("the modelscope SDK (the 'hub' extra) is not installed", allow_module_level=True)
 
 from tests.hub_fixtures import (
     FILES,
@@ -25,8 +29,14 @@ from tests.hub_fixtures import (
     FakeHub,
     closed_port,
     lose_the_lock,
-    needs_modelscope,
     tree,
+)
+
+# modelscope >= 1.38 delegates to modelscope_hub: its cache layout (snapshots/<revision>), its
+# probing of older layouts and its HTTP API (what the fake hub speaks). Older SDKs run the rest.
+needs_modelscope_hub = pytest.mark.skipif(
+    importlib.util.find_spec("modelscope_hub") is None,
+    reason="needs modelscope >= 1.38 (modelscope_hub)",
 )
 
 # -- ModelScope cache layouts ------------------------------------------------------------------
@@ -70,7 +80,6 @@ def ms(ms_cache: Path) -> ModelScopeSource:
     return ModelScopeSource(cache_dir=ms_cache)
 
 
-@needs_modelscope
 def test_ms_is_offline_when_hf_hub_offline_or_modelscope_offline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -82,7 +91,7 @@ def test_ms_is_offline_when_hf_hub_offline_or_modelscope_offline(
     assert not ModelScopeSource(offline=False).is_offline()
 
 
-@needs_modelscope
+@needs_modelscope_hub
 def test_ms_offline_fetch_and_filters(ms: ModelScopeSource, tmp_path: Path) -> None:
     seen: list[tuple[int, int | None]] = []
     assert ms.fetch(PullSpec(REPO), tmp_path / "a", lambda d, t: seen.append((d, t))) == "master"
@@ -93,7 +102,7 @@ def test_ms_offline_fetch_and_filters(ms: ModelScopeSource, tmp_path: Path) -> N
     assert set(tree(tmp_path / "b")) == {"config.json", "extra/notes.txt"}
 
 
-@needs_modelscope
+@needs_modelscope_hub
 def test_ms_offline_plan_writes_nothing(ms: ModelScopeSource, tmp_path: Path) -> None:
     before = sorted(tmp_path.rglob("*"))
     plan = ms.plan(PullSpec(REPO, revision="master"))
@@ -102,7 +111,7 @@ def test_ms_offline_plan_writes_nothing(ms: ModelScopeSource, tmp_path: Path) ->
     assert sorted(tmp_path.rglob("*")) == before
 
 
-@needs_modelscope
+@needs_modelscope_hub
 def test_ms_offline_revision_not_cached(ms: ModelScopeSource, tmp_path: Path) -> None:
     with pytest.raises(SourceNotFoundError) as info:
         ms.fetch(PullSpec(REPO, revision="v2"), tmp_path / "dest")
@@ -111,14 +120,14 @@ def test_ms_offline_revision_not_cached(ms: ModelScopeSource, tmp_path: Path) ->
     assert info.value.hint and "MODELSCOPE_OFFLINE" in info.value.hint
 
 
-@needs_modelscope
+@needs_modelscope_hub
 @pytest.mark.parametrize("repo", ["acme/unknown", "a/b/c", "noslash"])
 def test_ms_offline_unknown_repo(ms: ModelScopeSource, tmp_path: Path, repo: str) -> None:
     with pytest.raises(SourceNotFoundError):
         ms.fetch(PullSpec(repo), tmp_path / "dest")
 
 
-@needs_modelscope
+@needs_modelscope_hub
 def test_ms_offline_resumes(ms: ModelScopeSource, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -128,7 +137,7 @@ def test_ms_offline_resumes(ms: ModelScopeSource, tmp_path: Path) -> None:
     assert tree(dest) == FILES
 
 
-@needs_modelscope
+@needs_modelscope_hub
 def test_ms_offline_legacy_layout(tmp_path: Path) -> None:
     cache = tmp_path / "ms-cache"
     make_legacy_ms_cache(cache, "Qwen/Qwen2.5-0.5B", "v1.0.1")
@@ -147,7 +156,6 @@ def test_ms_offline_legacy_layout(tmp_path: Path) -> None:
         source.fetch(PullSpec("acme/old", revision="master"), tmp_path / "c")
 
 
-@needs_modelscope
 def test_ms_missing_sdk_is_a_missing_extra(
     ms: ModelScopeSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,13 +168,13 @@ def test_ms_missing_sdk_is_a_missing_extra(
 @pytest.fixture
 def ms_fast_retries(isolated_hub_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """One attempt per listing page instead of four with back-off (seconds of sleeping)."""
-    legacy_api = pytest.importorskip("modelscope_hub._legacy_api")
+    legacy_api = importlib.import_module("modelscope_hub._legacy_api")
     monkeypatch.setattr(legacy_api, "REPO_TREE_PAGE_MAX_ATTEMPTS", 1)
-    download = pytest.importorskip("modelscope_hub._download")
+    download = importlib.import_module("modelscope_hub._download")
     monkeypatch.setattr(download, "DOWNLOAD_RETRY_TIMES", 0)
 
 
-@needs_modelscope
+@needs_modelscope_hub
 @pytest.mark.usefixtures("ms_fast_retries")
 def test_ms_unreachable_hub_falls_back_to_the_cache(ms_cache: Path, tmp_path: Path) -> None:
     source = ModelScopeSource(cache_dir=ms_cache, endpoint=closed_port(), offline=False)
@@ -176,7 +184,7 @@ def test_ms_unreachable_hub_falls_back_to_the_cache(ms_cache: Path, tmp_path: Pa
         source.plan(PullSpec("acme/unknown"))
 
 
-@needs_modelscope
+@needs_modelscope_hub
 @pytest.mark.usefixtures("ms_fast_retries")
 def test_ms_online_fetch_plan_and_errors(fake_hub: FakeHub, tmp_path: Path) -> None:
     source = ModelScopeSource(
@@ -207,7 +215,7 @@ def test_ms_online_fetch_plan_and_errors(fake_hub: FakeHub, tmp_path: Path) -> N
     assert info.value.hint and "resumes" in info.value.hint
 
 
-@needs_modelscope
+@needs_modelscope_hub
 @pytest.mark.usefixtures("ms_fast_retries")
 def test_ms_online_progress_errors_stop_the_download(fake_hub: FakeHub, tmp_path: Path) -> None:
     source = ModelScopeSource(endpoint=fake_hub.url, offline=False)
