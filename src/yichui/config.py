@@ -177,6 +177,18 @@ class Settings(BaseSettings):
     """Folders from which requests may reference images as local files (``file://`` URLs or
     absolute paths). Empty: local files are refused."""
 
+    metrics_token: SecretStr | None = None
+    """Bearer token that ``GET /metrics`` (serve, and the workers' metrics ports) asks for.
+    Unset: the metrics are readable from loopback only (other hosts get 403)."""
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of ``yichui worker``'s own ``/metrics`` (``--metrics-port``); with ``serve
+    --workers N`` the first worker's, the others' the next ports up. Unset: no worker port
+    (the deployment's task figures are still on serve's ``/metrics``)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the workers' metrics ports listen on."""
+    metrics_redis_timeout: float = Field(default=0.5, gt=0)
+    """Seconds a scrape waits for Redis (``INFO``, task figures) before it reports it absent."""
+
     train_launcher: Literal["torchrun", "accelerate"] = "torchrun"
     """What starts the processes of a training with ``nproc_per_node`` > 1 or ``nnodes`` > 1."""
     train_master_addr: str | None = None

@@ -20,6 +20,8 @@ from yichui import __version__
 from yichui.api.deps import services_of
 from yichui.api.errors import error_body, install_handlers
 from yichui.api.fastpath import HitFastPath, send_json
+from yichui.api.metrics import RequestTiming
+from yichui.api.metrics import router as metrics_router
 from yichui.api.openai.router import router as openai_router
 from yichui.config import Settings, load_settings
 from yichui.runtime import Runtime
@@ -71,7 +73,7 @@ async def _too_large(send: Send, limit: int) -> None:
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
     """The app, wired to ``settings`` (built from the environment when not given), with its
     services from the composition root (``runtime``, or one of its own)."""
-    rt = runtime or Runtime(settings or load_settings())
+    rt = runtime or Runtime(settings or load_settings(), role="api")
     settings = rt.settings
     services = rt.serving()
 
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.state.services = services  # read by api/deps.py only
     install_handlers(app)
     app.include_router(openai_router)
+    app.include_router(metrics_router)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -101,7 +104,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         return {"status": "ok", "cache": services_of(request).cache.breaker.state}
 
     app.add_middleware(HitFastPath, services=services)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: limits all
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # limits all
+    app.add_middleware(RequestTiming, metrics=rt.metrics)  # outermost: times all
     _openapi_errors_are_400(app)
     return app
 

@@ -23,7 +23,8 @@ from yichui.errors import RequestError
 from yichui.inference.service import CachePolicy
 from yichui.runtime.serving import ServingServices
 
-PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+"""The paths this takes, with their ``endpoint`` label."""
 _CACHE = CACHE_HEADER.encode()
 _KEY = KEY_HEADER.encode()
 
@@ -36,7 +37,7 @@ class HitFastPath:
         self.services = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ENDPOINTS:
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -63,16 +64,18 @@ class HitFastPath:
             await self.app(scope, _replay(replay, receive), send)
             return
         digest = _digest(scope["path"], tenant, headers, body)
-        if await self._answer(digest, headers, send):
+        if await self._answer(digest, headers, send, ENDPOINTS[scope["path"]]):
             return
         await self.app(scope, _replay(replay, receive), self._remembering(digest, send))
 
-    async def _answer(self, digest: str, headers: dict[bytes, str], send: Send) -> bool:
+    async def _answer(
+        self, digest: str, headers: dict[bytes, str], send: Send, endpoint: str
+    ) -> bool:
         try:
             max_age = CachePolicy.from_headers(headers.get(b"cache-control"), None).max_age
         except RequestError:
             return False  # the normal path answers the error
-        hit = self.services.inference.fast_hit(digest, max_age)
+        hit = self.services.inference.fast_hit(digest, max_age, endpoint)
         if hit is None:
             return False
         key, body = hit

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from yichui.errors import ConfigError
 from yichui.runtime import Runtime
 from yichui.supervise import PARENT_GONE, Child, spawn
 
@@ -26,12 +27,25 @@ def serve(
         int, typer.Option(min=0, max=64, help="Also run this many task workers as children.")
     ] = 0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    worker_metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve the task workers' /metrics from this port up, one port each (default: "
+            "worker_metrics_port; unset: none).",
+        ),
+    ] = None,
 ) -> None:
-    """Serve /v1/chat/completions, /v1/completions, /v1/models and /health."""
+    """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     from yichui.api.app import create_app
 
     rt: Runtime = ctx.obj
+    rt.role = "api"
     s = rt.settings
+    base = worker_metrics_port or s.worker_metrics_port
+    if base is not None and base + workers - 1 > 65535:
+        raise ConfigError(f"worker metrics ports {base}..{base + workers - 1} run past 65535")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = ctx.find_root().params.get("config")
     extra = ["--config", str(config)] if config else []
@@ -39,10 +53,14 @@ def serve(
     # by SIGKILL or the OOM killer, each worker gets PARENT_GONE: it hands its tasks back, exits
     children = [
         spawn(
-            [sys.executable, "-m", "yichui.cli.main", *extra, "worker", "--quiet"],
+            [
+                sys.executable,
+                *("-m", "yichui.cli.main", *extra, "worker", "--quiet"),
+                *(("--metrics-port", str(base + i)) if base is not None else ()),
+            ],
             death_signal=PARENT_GONE,
         )
-        for _ in range(workers)
+        for i in range(workers)
     ]
     import uvicorn
 

@@ -15,6 +15,7 @@ from yichui.backoff import Backoff
 from yichui.config import check_queue_name
 from yichui.errors import ConfigError, RedisUnavailableError
 from yichui.runtime import Runtime
+from yichui.runtime.metrics_server import MetricsServer
 from yichui.supervise import PARENT_GONE
 
 log = logging.getLogger("yichui.worker")
@@ -62,11 +63,21 @@ def worker(
     ] = False,
     name: Annotated[str | None, typer.Option(help="Worker id (default: host:pid:random).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve this worker's /metrics on this port (default: worker_metrics_port; "
+            "unset: none).",
+        ),
+    ] = None,
 ) -> None:
     """Run tasks from the queue. Start any number, on any hosts that share the Redis.
 
     SIGTERM or Ctrl-C hands running tasks back to the queue at once; a second one exits now."""
     rt: Runtime = ctx.obj
+    rt.role = "worker"
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -80,6 +91,12 @@ def worker(
         except ValueError as exc:
             raise ConfigError(f"invalid queue name {queue!r}: {exc}") from None
     w = rt.worker(concurrency=concurrency, queue=queue, burst=burst, name=name)
-    stats = w.run()
+    port = metrics_port or rt.settings.worker_metrics_port
+    server = MetricsServer(rt, host=rt.settings.metrics_host, port=port).start() if port else None
+    try:
+        stats = w.run()
+    finally:
+        if server is not None:
+            server.stop()
     failed = stats.get("failed", 0) + stats.get("dead", 0)
     raise typer.Exit(1 if burst and failed else 0)

@@ -45,6 +45,7 @@ from yichui.backoff import Backoff
 from yichui.errors import CoalescedError, describe_error
 from yichui.inference.breaker import Breaker
 from yichui.inference.near import NearCache
+from yichui.metrics import OTHER, RESULTS, CacheEvent, CacheResult, Metrics
 from yichui.state.connection import REDIS_ERRORS
 from yichui.state.response_store import ResponseStore
 
@@ -79,8 +80,10 @@ class ResponseCache:
         breaker: Breaker | None = None,
         near_ttl: float = 10.0,
         near_bytes: int = 64 * 1024**2,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.near_ttl = near_ttl
         self.near = NearCache(ttl=near_ttl, max_bytes=near_bytes)
         self.ttl_for = ttl_for
@@ -90,7 +93,8 @@ class ResponseCache:
         self.wait = wait
         self.breaker = breaker or Breaker()
         self.counts: Counter[str] = Counter()
-        self._unflushed: Counter[str] = Counter()
+        """This process's counts (the labelled ones are in ``metrics``)."""
+        self.metrics.watch_cache(self.breaker, self.near)
         self._remote: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         """Key -> futures of the sessions waiting for another process's answer to it."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -113,13 +117,20 @@ class ResponseCache:
         with contextlib.suppress(Exception):
             await self._flush_once()
 
-    def count(self, name: str, n: int = 1) -> None:
-        self.counts[name] += n
-        self._unflushed[name] += n
+    def count(self, name: CacheResult | CacheEvent, endpoint: str, model: str) -> None:
+        """Count ``name`` for a request to ``endpoint`` of ``model`` (a bound model's name)."""
+        self.counts[name] += 1
+        if name in RESULTS:
+            self.metrics.cache_result(endpoint, model, name)  # type: ignore[arg-type]
+        else:
+            self.metrics.cache_event(name, endpoint, model)  # type: ignore[arg-type]
 
     # -- guarded Redis calls --------------------------------------------------------------------
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
-        """Run a Redis op within the timeout -> (ok, result); faults feed the breaker."""
+    async def _call(
+        self, op: Callable[[], Awaitable[T]], endpoint: str = OTHER, model: str = OTHER
+    ) -> tuple[bool, T | None]:
+        """Run a Redis op within the timeout -> (ok, result); faults feed the breaker (and are
+        counted for ``endpoint`` and ``model``)."""
         if self.store is None or not self.breaker.allow():
             return False, None
         try:
@@ -129,7 +140,7 @@ class ResponseCache:
             self.breaker.release()
             raise
         except _FAULTS as exc:
-            self.count("faults")
+            self.count("faults", endpoint, model)
             self.breaker.failure()
             log.debug("response cache fault: %r", exc)
             return False, None
@@ -146,27 +157,36 @@ class ResponseCache:
         return max(1, round(base * (1.0 + random.uniform(-self.jitter, self.jitter))))
 
     async def lookup(
-        self, model: str, key: str, max_age: float | None = None
+        self, model: str, key: str, max_age: float | None = None, endpoint: str = OTHER
     ) -> tuple[bytes | None, bool]:
         """(the stored answer, counted as a hit, or None, whether Redis answered). None on a
         miss or an entry older than ``max_age`` seconds (it is then recomputed); ``False`` on a
         fault or an open breaker: the request goes on uncached, asking Redis nothing more."""
+        started = time.perf_counter()
+        try:
+            return await self._lookup(model, key, max_age, endpoint)
+        finally:
+            self.metrics.lookup_took(endpoint, time.perf_counter() - started)
+
+    async def _lookup(
+        self, model: str, key: str, max_age: float | None, endpoint: str
+    ) -> tuple[bytes | None, bool]:
         near = self.near.get(key, max_age)
         if near is not None:
-            self.count("hit")
-            self.count("near_hits")
+            self.count("hit", endpoint, model)
+            self.count("near_hits", endpoint, model)
             return near, True
         store = self.store
         if store is None or self.breaker.state == "open":
             return None, False
-        ok, entry = await self._call(lambda: store.get(model, key))
+        ok, entry = await self._call(lambda: store.get(model, key), endpoint, model)
         if not ok or entry is None:
             return None, ok
         created = float(entry[0].get("created", 0))
         if max_age is not None and time.time() - created > max_age:
             return None, True
         self.near.put(key, model, entry[1], created, self.near_ttl)
-        self.count("hit")
+        self.count("hit", endpoint, model)
         return entry[1], True
 
     def session(
@@ -179,10 +199,12 @@ class ResponseCache:
         max_age: float | None = None,
         looked_up: bool = False,
         reachable: bool = True,
+        endpoint: str = OTHER,
     ) -> CacheSession:
         """One computation's way through the cache (see :class:`CacheSession`). ``looked_up``:
         :meth:`lookup` just missed, so the session starts at the lock; ``reachable=False``: it
-        just found Redis failing, so the session bypasses the cache at once."""
+        just found Redis failing, so the session bypasses the cache at once. ``endpoint``:
+        what the request asked for, a label of its counts."""
         return CacheSession(
             self,
             model,
@@ -192,6 +214,7 @@ class ResponseCache:
             max_age=max_age,
             looked_up=looked_up,
             reachable=reachable,
+            endpoint=endpoint,
         )
 
     # -- waiting on other processes ------------------------------------------------------------
@@ -221,9 +244,9 @@ class ResponseCache:
             await self._flush_once()
 
     async def _flush_once(self) -> None:
-        if not self._unflushed or self.store is None:
+        if not self.metrics.fleet or self.store is None:
             return
-        counts, self._unflushed = self._unflushed, Counter()
+        counts = self.metrics.take_fleet()
         store = self.store
         # a flush that timed out may still have been applied: never add the counts twice
         await self._call(lambda: store.add_stats(counts))
@@ -253,8 +276,10 @@ class CacheSession:
         max_age: float | None = None,
         looked_up: bool = False,
         reachable: bool = True,
+        endpoint: str = OTHER,
     ) -> None:
         self.cache = cache
+        self.endpoint = endpoint
         self.model = model
         self.key = key
         self.refresh = refresh
@@ -280,7 +305,7 @@ class CacheSession:
     async def _enter(self) -> None:
         c = self.cache
         if not (self.refresh or self.looked_up):
-            body, self.reachable = await c.lookup(self.model, self.key, self.max_age)
+            body, self.reachable = await c.lookup(self.model, self.key, self.max_age, self.endpoint)
             if body is not None:
                 self._resolve(body, CacheStatus.HIT, count=False)  # lookup() counted it
                 return
@@ -298,7 +323,7 @@ class CacheSession:
         skip_read = self.looked_up or self.refresh
         while True:
             if not skip_read:
-                ok, entry = await c._call(lambda: store.get(self.model, self.key))
+                ok, entry = await c._call(lambda: store.get(self.model, self.key), *self._labels)
                 if not ok:
                     self._bypass()
                     return
@@ -317,7 +342,10 @@ class CacheSession:
             # lock, the cleanup can still release it (instead of leaving it for its lease)
             token = self._token = secrets.token_hex(12)
             taking = asyncio.ensure_future(
-                c._call(functools.partial(store.lock, self.model, self.key, c.lease_ms, token))
+                c._call(
+                    functools.partial(store.lock, self.model, self.key, c.lease_ms, token),
+                    *self._labels,
+                )
             )
             try:
                 ok, got = await asyncio.shield(taking)
@@ -333,7 +361,7 @@ class CacheSession:
                 return
             if got is not None:
                 self._renewal = asyncio.create_task(self._renew(store, token))
-                c.count("miss")
+                c.count("miss", *self._labels)
                 return
             # another process computes it: wait for its event, polling as a fallback
             event = await self._wait_remote(store, min(deadline, time.monotonic() + c.wait))
@@ -345,7 +373,7 @@ class CacheSession:
             if not event.get("ok") and (event.get("error") or {}).get("retry"):
                 continue  # its client went away mid-answer: try again, maybe as the leader
             if not event.get("ok"):
-                c.count("coalesced_errors")
+                c.count("coalesced_errors", *self._labels)
                 self._settled = True
                 raise CoalescedError(event.get("error"))
             waited = True  # the answer we waited for is the fresh one
@@ -361,10 +389,10 @@ class CacheSession:
                     return await asyncio.wait_for(asyncio.shield(fut), 0.25)
                 except TimeoutError:
                     pass
-                ok, entry = await c._call(lambda: store.get(self.model, self.key))
+                ok, entry = await c._call(lambda: store.get(self.model, self.key), *self._labels)
                 if ok and entry is not None:
                     return {"ok": True}
-                ok, held = await c._call(lambda: store.locked(self.model, self.key))
+                ok, held = await c._call(lambda: store.locked(self.model, self.key), *self._labels)
                 if ok and not held:
                     return None
             return None
@@ -379,18 +407,24 @@ class CacheSession:
         c = self.cache
         while True:
             await asyncio.sleep(c.lease_ms / 3000)
-            await c._call(lambda: store.renew(self.model, self.key, token, c.lease_ms))
+            await c._call(
+                lambda: store.renew(self.model, self.key, token, c.lease_ms), *self._labels
+            )
 
-    def _bypass(self, counter: str = "bypass") -> None:
+    @property
+    def _labels(self) -> tuple[str, str]:
+        return self.endpoint, self.model
+
+    def _bypass(self, counter: CacheResult | CacheEvent = "bypass") -> None:
         self.status = CacheStatus.BYPASS
-        self.cache.count(counter)
+        self.cache.count(counter, *self._labels)
 
     def _resolve(self, body: bytes, status: CacheStatus, *, count: bool = True) -> None:
         self.body = body
         self.status = status
         self._settled = True
         if count:
-            self.cache.count(status.value)
+            self.cache.count(status.value, *self._labels)
 
     def _stop_renewal(self) -> None:
         if self._renewal is not None:
@@ -407,20 +441,22 @@ class CacheSession:
                 meta = {"v": 2, "created": time.time()}
                 ttl = c.ttl(self.model)
                 ok, _ = await c._call(
-                    lambda: store.put(self.model, self.key, meta, body, ttl, token)
+                    lambda: store.put(self.model, self.key, meta, body, ttl, token), *self._labels
                 )
                 if ok:
-                    c.count("stored")
+                    c.count("stored", *self._labels)
                     c.near.put(self.key, self.model, body, float(meta["created"]), ttl)
             else:  # waiters elsewhere compute it themselves: there is nothing to read
                 message = {"message": "not stored", "retry": True}
-                await c._call(lambda: store.fail(self.model, self.key, token, message))
+                await c._call(
+                    lambda: store.fail(self.model, self.key, token, message), *self._labels
+                )
         self._token = None
         self._settled = True
 
     async def fail(self, error: Mapping[str, Any]) -> None:
         """The computation failed with ``error`` (see :func:`yichui.errors.describe_error`)."""
-        self.cache.count("errors")
+        self.cache.count("errors", *self._labels)
         await self._release(error)
 
     async def _release(self, error: Mapping[str, Any]) -> None:
@@ -430,7 +466,9 @@ class CacheSession:
         self._token = None
         self._settled = True
         if store is not None and token is not None:
-            await self.cache._call(lambda: store.fail(self.model, self.key, token, error))
+            await self.cache._call(
+                lambda: store.fail(self.model, self.key, token, error), *self._labels
+            )
 
     async def __aexit__(
         self,
@@ -445,5 +483,5 @@ class CacheSession:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release(INTERRUPTED))
             return
-        self.cache.count("errors")
+        self.cache.count("errors", *self._labels)
         await asyncio.shield(self._release(describe_error(exc)))

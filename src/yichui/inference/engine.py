@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from yichui.config import Settings
+    from yichui.metrics import Metrics
     from yichui.models.registry import ModelRegistry
 
 DEFAULT_MAX_TOKENS = 256
@@ -135,7 +136,10 @@ class ModelCard:
 
 class EngineServices(Protocol):
     """What building an engine may use of the composition root (its ``engines(services)``
-    seam): the settings and the model registry."""
+    seam): the settings, the model registry and the process's metrics."""
+
+    @property
+    def metrics(self) -> Metrics: ...
 
     @property
     def settings(self) -> Settings: ...

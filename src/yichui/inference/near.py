@@ -28,15 +28,20 @@ class NearCache:
 
     def get(self, key: str, max_age: float | None) -> bytes | None:
         """The body of ``key`` if held and, with ``max_age``, created at most that long ago."""
+        held = self.entry(key, max_age)
+        return None if held is None else held[1]
+
+    def entry(self, key: str, max_age: float | None) -> tuple[str, bytes] | None:
+        """(model, body) of ``key``, on the terms of :meth:`get`."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires, created, _model, body = entry
+        expires, created, model, body = entry
         if expires < time.monotonic() or (max_age is not None and time.time() - created > max_age):
             self.drop(key)
             return None
         self._entries.move_to_end(key)
-        return body
+        return model, body
 
     def put(self, key: str, model: str, body: bytes, created: float, ttl: float) -> None:
         """Hold ``body`` for ``min(self.ttl, ttl)`` seconds (``ttl``: the entry's in Redis)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yichui.metrics import Metrics
 from yichui.ml import loading as ml
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,21 @@ class ModelPool:
     ``float16`` or ``float32``.
     """
 
-    def __init__(self, *, budget_bytes: int, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        *,
+        budget_bytes: int,
+        device: str = "auto",
+        dtype: str = "auto",
+        metrics: Metrics | None = None,
+    ) -> None:
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
         self.budget_bytes = budget_bytes
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_pool(self)
         self.device = device
         self.dtype = dtype
         self.loads = 0
@@ -243,6 +253,8 @@ class ModelPool:
             )
             self._models[name] = entry
             self.loads += 1
+            self.metrics.pool_loads.labels(name).inc()
+            self.metrics.pool_load_seconds.labels(name).observe(entry.load_seconds)
             log.info(
                 "loaded model %s on %s (%s, %d MiB) in %.2f s",
                 name,
@@ -265,6 +277,7 @@ class ModelPool:
             log.info("evicting model %s (%d MiB) to make room", victim.name, victim.nbytes >> 20)
             self._drop(victim)
             self.evictions += 1
+            self.metrics.pool_evictions.labels(victim.name).inc()
             evicted = True
         if evicted:
             self._collect()

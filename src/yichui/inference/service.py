@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from yichui.inference.engine import (
     Usage,
 )
 from yichui.inference.router import ModelRouter
+from yichui.metrics import OTHER, Metrics
 
 log = logging.getLogger("yichui.inference")
 
@@ -118,10 +120,17 @@ class InferenceService:
     """Request digests remembered for the hit fast path (see ``api/fastpath.py``)."""
 
     def __init__(
-        self, router: ModelRouter, cache: ResponseCache, *, shared: bool, wait: float = 120.0
+        self,
+        router: ModelRouter,
+        cache: ResponseCache,
+        *,
+        shared: bool,
+        wait: float = 120.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.router = router
         self.cache = cache
+        self.metrics = metrics or cache.metrics
         self.shared = shared
         self.wait = wait
         self._flights: dict[str, _Flight] = {}
@@ -142,14 +151,16 @@ class InferenceService:
         policy: CachePolicy,
         stream: bool,
         render: Render,
+        endpoint: str = OTHER,
     ) -> Answer:
-        """Answer ``request`` for ``tenant`` (see the module docstring)."""
+        """Answer ``request`` for ``tenant`` (see the module docstring); ``endpoint`` (``chat``,
+        ``completions``) labels its metrics."""
         bound = await self.router.resolve(request.model)
         if any(m.images() for m in request.messages) and not bound.card.accepts_images:
             raise ImagesNotAcceptedError(request.model)
         deterministic = is_deterministic(request.params, honours_seed=bound.honours_seed)
         if not (deterministic or policy.sampled):
-            self.cache.count("bypass")
+            self.cache.count("bypass", endpoint, bound.card.id)
             return await self._uncached(bound, request, stream, render)
         scope = "shared" if self.shared else f"tenant:{tenant}"
         key = cache_key(request, scope=scope, fingerprint=bound.card.fingerprint)
@@ -157,13 +168,15 @@ class InferenceService:
         if not policy.refresh:
             flight = self._flights.get(key)
             if flight is None:
-                body, reachable = await self.cache.lookup(request.model, key, policy.max_age)
+                body, reachable = await self.cache.lookup(
+                    request.model, key, policy.max_age, endpoint
+                )
                 if body is not None:
                     return Answer(CacheStatus.HIT, key, body)
                 flight = self._flights.get(key)  # one may have started while we looked
             if flight is not None:
-                return await self._join(flight, bound, request, stream, render)
-        flight = self._start(bound, request, key, policy, stream, render, reachable)
+                return await self._join(flight, bound, request, stream, render, endpoint)
+        flight = self._start(bound, request, key, policy, stream, render, reachable, endpoint)
         return await self._lead(flight)
 
     # -- the hit fast path ----------------------------------------------------------------------
@@ -175,17 +188,21 @@ class InferenceService:
         if len(self._memo) > self.MEMO_SIZE:
             self._memo.popitem(last=False)
 
-    def fast_hit(self, request_digest: str, max_age: float | None) -> tuple[str, bytes] | None:
+    def fast_hit(
+        self, request_digest: str, max_age: float | None, endpoint: str = OTHER
+    ) -> tuple[str, bytes] | None:
         """A byte-identical request seen before whose answer this process holds in memory."""
         key = self._memo.get(request_digest)
         if key is None:
             return None
-        body = self.cache.near.get(key, max_age)
-        if body is None:
+        held = self.cache.near.entry(key, max_age)
+        if held is None:
             return None
-        self.cache.count("hit")
-        self.cache.count("near_hits")
-        self.cache.count("fast_hits")
+        model, body = held
+        count = self.cache.count
+        count("hit", endpoint, model)
+        count("near_hits", endpoint, model)
+        count("fast_hits", endpoint, model)
         return key, body
 
     def model_changed(self, model: str | None) -> None:
@@ -214,10 +231,11 @@ class InferenceService:
         stream: bool,
         render: Render,
         reachable: bool,
+        endpoint: str,
     ) -> _Flight:
         flight = _Flight(key, streamed=stream)
         flight.task = asyncio.create_task(
-            self._fly(flight, bound, request, policy, render, reachable),
+            self._fly(flight, bound, request, policy, render, reachable, endpoint),
             name=f"flight-{key[:12]}",
         )
         self.running.add(flight.task)
@@ -252,6 +270,7 @@ class InferenceService:
         policy: CachePolicy,
         render: Render,
         reachable: bool,
+        endpoint: str,
     ) -> bytes:
         """The computation itself: cache session, engine, render, store."""
         session = self.cache.session(
@@ -262,6 +281,7 @@ class InferenceService:
             max_age=policy.max_age,
             looked_up=True,  # answer() just missed (or refreshes)
             reachable=reachable,  # a fault just now: bypass, ask Redis nothing more
+            endpoint=endpoint,
         )
         try:
             async with session:
@@ -269,9 +289,10 @@ class InferenceService:
                 if session.body is not None:
                     return session.body
                 if flight.chunks is None:
-                    result, finished = await bound.complete(request), True
+                    result, finished = await self._complete(bound, request), True
                 else:
-                    result, finished = await _pump(bound, request, flight.chunks)
+                    chunks = self._timed(bound, request)
+                    result, finished = await _pump(chunks, request.params.n, flight.chunks)
                 body = render(result)
                 # stored before the last piece goes out: a client gone now loses nothing
                 await session.commit(body, cacheable=finished and _complete(result))
@@ -321,31 +342,59 @@ class InferenceService:
         request: EngineRequest,
         stream: bool,
         render: Render,
+        endpoint: str,
     ) -> Answer:
         """An identical request waits for ``flight`` (at most ``wait`` seconds)."""
         flight.interest += 1
+        model = bound.card.id
         try:
             async with asyncio.timeout(self.wait):
                 body = await asyncio.shield(_task(flight))
         except TimeoutError:
-            self.cache.count("coalesce_timeouts")
+            self.cache.count("coalesce_timeouts", endpoint, model)
             return await self._uncached(bound, request, stream, render)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.cache.count("coalesced_errors")
+            self.cache.count("coalesced_errors", endpoint, model)
             raise CoalescedError(describe_error(exc)) from exc
         finally:
             self._release(flight)
-        self.cache.count("coalesced")
+        self.cache.count("coalesced", endpoint, model)
         return Answer(CacheStatus.COALESCED, flight.key, body)
 
     async def _uncached(
         self, bound: BoundEngine, request: EngineRequest, stream: bool, render: Render
     ) -> Answer:
         if stream:
-            return Answer(CacheStatus.BYPASS, chunks=_own(bound.stream(request)))
-        return Answer(CacheStatus.BYPASS, body=render(await bound.complete(request)))
+            return Answer(CacheStatus.BYPASS, chunks=self._timed(bound, request))
+        return Answer(CacheStatus.BYPASS, body=render(await self._complete(bound, request)))
+
+    # -- engine time ----------------------------------------------------------------------------
+
+    async def _complete(self, bound: BoundEngine, request: EngineRequest) -> EngineResult:
+        started = time.perf_counter()
+        result = await bound.complete(request)
+        self.metrics.engine_answered(bound.card.id, time.perf_counter() - started, result.usage)
+        return result
+
+    async def _timed(
+        self, bound: BoundEngine, request: EngineRequest
+    ) -> AsyncGenerator[EngineChunk, None]:
+        """``bound.stream(request)``, timed to its first piece of text and to its end."""
+        model, metrics = bound.card.id, self.metrics
+        started = time.perf_counter()
+        first = True
+        usage: Usage | None = None
+        async with contextlib.aclosing(_own(bound.stream(request))) as chunks:
+            async for chunk in chunks:
+                if first and chunk.text:
+                    metrics.first_token(model, time.perf_counter() - started)
+                    first = False
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                yield chunk
+        metrics.engine_answered(model, time.perf_counter() - started, usage)
 
 
 def _task(flight: _Flight) -> asyncio.Task[bytes]:
@@ -365,17 +414,16 @@ async def _own(chunks: AsyncIterator[EngineChunk]) -> AsyncGenerator[EngineChunk
 
 
 async def _pump(
-    bound: BoundEngine,
-    request: EngineRequest,
+    stream: AsyncGenerator[EngineChunk, None],
+    n: int,
     out: asyncio.Queue[EngineChunk | BaseException | None],
 ) -> tuple[EngineResult, bool]:
-    """Run a streamed answer, passing each piece on to ``out`` -> the whole answer, and
-    whether the engine finished every choice."""
-    n = request.params.n
+    """Run a streamed answer of ``n`` choices, passing each piece on to ``out`` -> the whole
+    answer, and whether the engine finished every choice."""
     texts = [""] * n
     finish: list[str | None] = [None] * n
     usage = Usage(0, 0)
-    async with contextlib.aclosing(_own(bound.stream(request))) as chunks:
+    async with contextlib.aclosing(stream) as chunks:
         async for chunk in chunks:
             if chunk.usage is not None:
                 usage = chunk.usage

@@ -21,8 +21,10 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from yichui import __version__
 from yichui.config import Settings
 from yichui.errors import RedisUnavailableError, StateError
+from yichui.metrics import Metrics
 from yichui.models.registry import ModelRegistry
 from yichui.models.sources import Sources
 from yichui.models.status import LISTING_FIELDS
@@ -37,6 +39,7 @@ from yichui.tasks.types import TaskTypes
 
 if TYPE_CHECKING:
     from yichui.inference.engine import Engine
+    from yichui.runtime.probe import ClusterProbe
     from yichui.runtime.serving import ServingServices
     from yichui.tasks.worker import Worker
     from yichui.training.service import TrainingService
@@ -45,8 +48,11 @@ if TYPE_CHECKING:
 class Runtime:
     """The services of one process (see the module docstring)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, role: str = "cli") -> None:
         self.settings = settings
+        self.role = role
+        """``api``, ``worker`` or ``cli``: what this process is (a label of its metrics); set
+        it before :attr:`metrics` is first used."""
         self.keys = Keys(settings.namespace)
         self._redis: tuple[SyncRedis, RedisTarget] | None = None
         self.redis_error: StateError | None = None
@@ -71,6 +77,18 @@ class Runtime:
         url = self.settings.cache_redis_url
         return parse_redis_url(url) if url else self.redis()[1]
 
+    # -- metrics --------------------------------------------------------------------------------
+    @cached_property
+    def metrics(self) -> Metrics:
+        """Every metric of this process (``docs/operations.md``), handed to each service."""
+        return Metrics(role=self.role, version=__version__)
+
+    def probe(self) -> ClusterProbe:
+        """Reads the deployment's figures (Redis ``INFO``, tasks) for a scrape."""
+        from yichui.runtime.probe import ClusterProbe
+
+        return ClusterProbe(self)
+
     # -- models ---------------------------------------------------------------------------------
     @cached_property
     def model_store(self) -> ModelStatusStore | None:
@@ -85,6 +103,7 @@ class Runtime:
             missing_ttl=s.model_missing_ttl,
             jitter=s.ttl_jitter,
             listing_fields=LISTING_FIELDS,
+            metrics=self.metrics,
         )
 
     @cached_property
@@ -115,7 +134,7 @@ class Runtime:
 
     @cached_property
     def tasks(self) -> TaskService:
-        return TaskService(self.task_store, self.settings, self.task_types)
+        return TaskService(self.task_store, self.settings, self.task_types, metrics=self.metrics)
 
     def worker(
         self,
@@ -142,6 +161,7 @@ class Runtime:
             burst=burst,
             name=name,
             services=self,
+            metrics=self.metrics,
         )
 
     # -- training -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
         services.inference          # the inference service: the one way to an answer
         services.router             # the engines, for /v1/models
         services.cache              # the response cache (counters, breaker state)
+        services.metrics, .probe    # this process's metrics; the deployment's, read for a scrape
 
 Two asyncio Redis clients: the state instance's (model events) and the cache instance's
 (``cache_redis_url``, by default the same URL). Redis down at start is no failure: the API
@@ -54,6 +55,9 @@ class ServingServices:
         self._router: ModelRouter | None = None
         self._inference: InferenceService | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.metrics = rt.metrics
+        self.probe = rt.probe()
+        """Reads the deployment's figures for ``/metrics``."""
 
     @property
     def cache(self) -> ResponseCache:
@@ -85,11 +89,12 @@ class ServingServices:
             wait=s.cache_wait,
             near_ttl=s.cache_near_ttl,
             near_bytes=s.cache_near_bytes,
+            metrics=rt.metrics,
         )
         await self._cache.start()
         self._router = ModelRouter(await asyncio.to_thread(rt.engines))
         self._inference = InferenceService(
-            self._router, self._cache, shared=s.cache_shared, wait=s.cache_wait
+            self._router, self._cache, shared=s.cache_shared, wait=s.cache_wait, metrics=rt.metrics
         )
         self._watcher = asyncio.create_task(self._watch_models(), name="model-events")
 
@@ -114,6 +119,7 @@ class ServingServices:
         for client in (self._state, self._cache_client):
             if client is not None:
                 await client.aclose()
+        await asyncio.to_thread(self.probe.close)
 
     async def _watch_models(self) -> None:
         """Forget a model's binding the moment it is pulled, imported, merged or removed, so

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from yichui.metrics import Metrics
 from yichui.state.codec import dumps, jittered, loads
 from yichui.state.connection import SyncRedis, state_errors
 from yichui.state.keys import Keys
@@ -88,8 +89,10 @@ class ModelStatusStore:
         jitter: float,
         listing_fields: Sequence[str] | None = None,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
+        self.metrics = metrics or Metrics()
         self.keys = keys
         self.ttl = ttl
         self.missing_ttl = missing_ttl
@@ -116,6 +119,7 @@ class ModelStatusStore:
     def get(self, name: str) -> dict[str, Any] | None:
         """The cached status (one round trip), or None on a miss."""
         raw = self.client.get(self.keys.model_status(name))
+        self.metrics.model_status_lookups.labels("miss" if raw is None else "hit").inc()
         return None if raw is None else dict(loads(raw))
 
     @state_errors

@@ -341,6 +341,19 @@ class TaskStore:
             )
         )
 
+    def pending(self, queue: str) -> int:
+        """Entries of ``queue`` delivered to a worker and not acknowledged yet."""
+        try:
+            summary = self.client.xpending(self.keys.task_queue(queue), GROUP)
+        except redis.ResponseError:  # no group yet: no worker ever read this queue
+            return 0
+        return int(summary.get("pending", 0) or 0)
+
+    def now(self) -> float:
+        """The Redis clock, in seconds (heartbeats are written on it)."""
+        seconds, micros = self.client.time()
+        return int(seconds) + int(micros) / 1e6
+
     def remove_worker(self, worker: str, queue: str) -> None:
         self.client.hdel(self.keys.task_workers(), worker)
         with contextlib.suppress(redis.ResponseError):

@@ -15,6 +15,7 @@ from yichui.errors import (
     TaskNotFoundError,
     TaskStateError,
 )
+from yichui.metrics import Metrics
 from yichui.state.task_store import STATES, LogEntry, TaskState, TaskStore
 from yichui.tasks.types import TaskTypes, builtin_types
 
@@ -49,10 +50,18 @@ class TaskService:
     svc.get(task["id"])["state"]      # 'queued', then 'running', ...
     """
 
-    def __init__(self, store: TaskStore, settings: Settings, types: TaskTypes | None = None):
+    def __init__(
+        self,
+        store: TaskStore,
+        settings: Settings,
+        types: TaskTypes | None = None,
+        *,
+        metrics: Metrics | None = None,
+    ):
         self.store = store
         self.settings = settings
         self.types = types or builtin_types()
+        self.metrics = metrics or Metrics()
 
     def submit(
         self,
@@ -91,6 +100,8 @@ class TaskService:
             max_attempts=attempts,
             delay=delay,
         )
+        if created:
+            self.metrics.tasks_submitted.labels(type_).inc()
         if not created and (stored_type != type_ or existing != stored_args):
             raise TaskConflictError(
                 f"task id {tid!r} is taken by a {stored_type!r} task with other arguments",

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from yichui.backoff import Backoff
 from yichui.backoff import delay as jittered_delay
 from yichui.errors import StateError, TaskFailedError, YichuiError
+from yichui.metrics import Metrics
 from yichui.state.codec import dumps
 from yichui.state.connection import REDIS_ERRORS, mask_password
 from yichui.state.task_store import Claim, TaskStore
@@ -112,8 +113,10 @@ class Worker:
         services: Any = None,
         block: float = 1.0,
         grace: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics(role="worker")
         self.types = types
         self.queue = queue
         self.concurrency = concurrency
@@ -268,7 +271,7 @@ class Worker:
             return
         log.info("task %s: %s", ctx.id, {0: "lease already lost", 1: done, 2: "cancelled"}[outcome])
         if outcome == 1:
-            self.stats["handed_back"] += 1
+            self._count(ctx, "handed_back")
 
     def _burst_done(self) -> bool:
         with self._lock:
@@ -360,6 +363,8 @@ class Worker:
         if handing_back:
             self._until_redis(lambda: self.store.release(claim.id, self.queue, claim.token))
             return
+        self.metrics.worker_running.inc()
+        started = time.monotonic()
         try:
             log.info("task %s (%s): attempt %d started", claim.id, claim.type, claim.attempt)
             outcome, payload, delay = self._execute(ctx, claim)
@@ -368,7 +373,7 @@ class Worker:
             elif ctx.stopping is HandedBack:
                 self._release_wound_down(ctx)
             else:
-                self.stats["abandoned"] += 1
+                self._count(ctx, "abandoned")
                 if ctx.stopping is LeaseLost:
                     log.warning(
                         "task %s: lease lost (another worker owns it now); run abandoned", ctx.id
@@ -376,6 +381,8 @@ class Worker:
         finally:
             with self._lock:
                 self._active.pop(claim.id, None)
+            self.metrics.worker_running.dec()
+            self.metrics.worker_task_seconds.labels(claim.type).observe(time.monotonic() - started)
 
     def _execute(
         self, ctx: TaskContext, claim: Claim
@@ -423,6 +430,10 @@ class Worker:
                 return "dead", err, 0.0
             return "retry", err, self.retry_delay(ctx.attempt)
 
+    def _count(self, ctx: TaskContext, outcome: str) -> None:
+        self.stats[outcome] += 1
+        self.metrics.worker_tasks.labels(ctx.type, outcome).inc()
+
     def retry_delay(self, attempt: int) -> float:
         """Exponential backoff with ±50 % jitter, capped at ``backoff_max``."""
         return jittered_delay(attempt, first=self.backoff, cap=self.backoff_max, jitter=0.5)
@@ -436,7 +447,7 @@ class Worker:
             if ctx.stopping is LeaseLost or (
                 ctx.stopping is HandedBack and not self._graceful(ctx)
             ):
-                self.stats["abandoned"] += 1
+                self._count(ctx, "abandoned")
                 return
             try:
                 ok = self.store.finish(
@@ -453,15 +464,15 @@ class Worker:
             except _ERRORS as exc:  # keep the result until Redis takes it (or the lease goes)
                 self._down(exc)
                 if self._halt.wait(backoff.next()):  # shut down before Redis came back
-                    self.stats["abandoned"] += 1
+                    self._count(ctx, "abandoned")
                     return
         if ok:
-            self.stats[outcome] += 1
+            self._count(ctx, outcome)
             log.info(
                 "task %s: %s", ctx.id, outcome if outcome != "retry" else f"retry in {delay:.1f}s"
             )
         else:
-            self.stats["abandoned"] += 1
+            self._count(ctx, "abandoned")
             log.warning("task %s: lease lost before finishing; another worker owns it", ctx.id)
 
     # -- housekeeping ---------------------------------------------------------------------------

@@ -49,7 +49,12 @@ async def respond(
 
     try:
         answer = await inference.answer(
-            request, tenant=tenant, policy=policy, stream=stream, render=render
+            request,
+            tenant=tenant,
+            policy=policy,
+            stream=stream,
+            render=render,
+            endpoint="chat" if request.kind == "chat" else "completions",
         )
     except CoalescedError as exc:  # the computation we waited for failed: its answer is ours
         status, body = translate(exc)

@@ -78,7 +78,10 @@ def engines(services: EngineServices) -> list[LocalEngine]:
     s = services.settings
     try:
         pool = ModelPool(
-            budget_bytes=s.model_memory_budget, device=s.inference_device, dtype=s.inference_dtype
+            budget_bytes=s.model_memory_budget,
+            device=s.inference_device,
+            dtype=s.inference_dtype,
+            metrics=services.metrics,
         )
         return [LocalEngine(services.registry, pool)]
     except MissingExtraError as exc:
