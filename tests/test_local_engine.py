@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.tiny_model import build_tiny_model
 from yichui.errors import (
@@ -332,6 +333,20 @@ async def test_lru_eviction(built: dict[str, Path]) -> None:
     async with pool.use(B, built[B], "fp-b"):
         pass
     assert pool.loads == 2 and pool.hits == 1
+    # the same, as Prometheus sees it
+    scrape = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(pool.metrics.exposition().decode())
+        for s in family.samples
+    }
+    assert scrape[("yichui_pool_loads_total", (("model", A),))] == 1
+    assert scrape[("yichui_pool_loads_total", (("model", B),))] == 1
+    assert scrape[("yichui_pool_evictions_total", (("model", A),))] == 1
+    assert ("yichui_pool_evictions_total", (("model", B),)) not in scrape
+    assert scrape[("yichui_pool_load_seconds_count", (("model", B),))] == 1
+    assert scrape[("yichui_pool_memory_bytes", ())] == pool.nbytes == one
+    assert scrape[("yichui_pool_budget_bytes", ())] == one * 3 // 2
+    assert scrape[("yichui_pool_models", ())] == 1
 
 
 async def test_model_in_use_is_not_evicted(built: dict[str, Path]) -> None:
