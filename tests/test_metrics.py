@@ -128,7 +128,9 @@ def test_a_scrape_after_a_miss_a_hit_and_a_task(
     assert api.value("yichui_cache_requests_total", **labels, result="miss") == 1
     assert api.value("yichui_cache_requests_total", **labels, result="hit") == 1
     assert api.value("yichui_cache_stores_total", **labels) == 1
-    assert api.total("yichui_cache_lookup_seconds_count", endpoint="chat") == 2
+    # the miss was looked up; the hit too, unless the hit fast path answered it from memory
+    near = api.value("yichui_cache_near_hits_total", **labels) or 0
+    assert api.total("yichui_cache_lookup_seconds_count", endpoint="chat") == 2 - near
     assert api.value("yichui_cache_breaker_state", state="closed") == 1
     assert api.total("yichui_engine_seconds_count", model="echo") == 1
     assert api.total("yichui_request_seconds_count", endpoint="chat", cache="hit") == 1
@@ -251,3 +253,28 @@ def test_worker_metrics_port_taken(settings: Settings) -> None:
     finally:
         first.stop()
         rt.close()
+
+
+def test_hit_path_counters_as_prometheus_counts_them() -> None:
+    """The hit path's own counters and histograms (plain, on the event loop) give what
+    prometheus-client's would: a value on a bucket's bound falls in that bucket."""
+    m = Metrics(role="api")
+    for seconds in (0.001, 0.0007, 3.0):
+        m.request_took("chat", "hit", "200", seconds)
+    m.near_hit("chat", "echo", fast=True)
+    m.cache_result("chat", "echo", "miss")
+    got = Scrape(m.exposition().decode())
+    labels = {"endpoint": "chat", "cache": "hit", "code": "200"}
+    assert got.value("yichui_request_seconds_bucket", **labels, le="0.0005") == 0
+    assert got.value("yichui_request_seconds_bucket", **labels, le="0.001") == 2
+    assert got.value("yichui_request_seconds_bucket", **labels, le="2.5") == 2
+    assert got.value("yichui_request_seconds_bucket", **labels, le="+Inf") == 3
+    assert got.value("yichui_request_seconds_count", **labels) == 3
+    assert got.value("yichui_request_seconds_sum", **labels) == pytest.approx(3.0017)
+    assert got.families["yichui_request_seconds"] == "histogram"
+    assert (
+        got.value("yichui_cache_requests_total", endpoint="chat", model="echo", result="hit") == 1
+    )
+    assert got.value("yichui_cache_near_hits_total", endpoint="chat", model="echo") == 1
+    assert m.take_fleet() == {"hit": 1, "near_hits": 1, "fast_hits": 1, "miss": 1}
+    assert m.take_fleet() == {}

@@ -25,8 +25,10 @@ which adds it to :attr:`Metrics.fleet` too, and the cache flushes that to Redis 
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import ipaddress
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -44,7 +46,12 @@ from prometheus_client import (
 from prometheus_client import (
     Counter as PromCounter,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -114,72 +121,64 @@ class Metrics:
         r = self.registry
         self.fleet: Counter[str] = Counter()
         """Cache counts not yet added to the fleet totals in Redis (see :meth:`take_fleet`)."""
-        self._fleet_lock = threading.Lock()
         self._cluster: ClusterSnapshot | None = None
         self._scrape_lock = threading.Lock()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
         info = Gauge("yichui_build_info", "yichui's version and this process's role.",
                      ["version", "role"], registry=r)  # fmt: skip
         info.labels(version or "unknown", role).set(1)
 
-        # -- response cache (per process) --
-        self.cache_requests = PromCounter(
+        # -- response cache and requests (per process, counted on the event loop) --
+        loop = _LoopCollector()
+        r.register(loop)
+        self.cache_requests = loop.counter(
             "yichui_cache_requests",
-            "Cacheable and uncacheable requests by what the cache did: hit (Redis or the near "
+            "Chat and completion requests by what the cache did: hit (Redis or the near "
             "cache), miss (computed and stored), coalesced (joined an identical computation), "
             "bypass (not cacheable, Redis failing, or the breaker open).",
-            ["endpoint", "model", "result"],
-            registry=r,
+            ("endpoint", "model", "result"),
         )
-        self.cache_stores = PromCounter(
-            "yichui_cache_stores", "Answers stored in the response cache.",
-            ["endpoint", "model"], registry=r,
-        )  # fmt: skip
-        self.cache_faults = PromCounter(
+        self.cache_stores = loop.counter(
+            "yichui_cache_stores", "Answers stored in the response cache.", ("endpoint", "model")
+        )
+        self.cache_faults = loop.counter(
             "yichui_cache_faults",
             "Response-cache Redis calls that failed or timed out (the request went on uncached).",
-            ["endpoint", "model"],
-            registry=r,
+            ("endpoint", "model"),
         )
-        self.cache_near_hits = PromCounter(
+        self.cache_near_hits = loop.counter(
             "yichui_cache_near_hits",
             "Hits answered from this process's memory (the near cache), fast path included.",
-            ["endpoint", "model"],
-            registry=r,
+            ("endpoint", "model"),
         )
-        self.cache_errors = PromCounter(
+        self.cache_errors = loop.counter(
             "yichui_cache_errors",
             "Cacheable computations that failed (kind=compute), or whose failure reached "
             "requests that waited for them (kind=coalesced); none is stored.",
-            ["endpoint", "model", "kind"],
-            registry=r,
+            ("endpoint", "model", "kind"),
         )
-        self.cache_coalesce_timeouts = PromCounter(
+        self.cache_coalesce_timeouts = loop.counter(
             "yichui_cache_coalesce_timeouts",
             "Requests that waited cache_wait seconds for an identical computation and then "
             "computed their answer themselves.",
-            ["endpoint", "model"],
-            registry=r,
+            ("endpoint", "model"),
         )
-        self.cache_lookup_seconds = Histogram(
+        self.cache_lookup_seconds = loop.histogram(
             "yichui_cache_lookup_seconds",
             "Time to look a request up in the response cache (near cache, then Redis).",
-            ["endpoint"],
-            buckets=_FAST,
-            registry=r,
+            ("endpoint",),
+            _FAST,
+        )
+        self.request_seconds = loop.histogram(
+            "yichui_request_seconds",
+            "Whole HTTP requests, until the last byte of the answer was sent.",
+            ("endpoint", "cache", "code"),
+            _REQUESTS,
         )
         self._breaker_state: Any = None
         self._near: Any = None
 
-        # -- requests and engines (per process) --
-        self.request_seconds = Histogram(
-            "yichui_request_seconds",
-            "Whole HTTP requests, until the last byte of the answer was sent.",
-            ["endpoint", "cache", "code"],
-            buckets=_REQUESTS,
-            registry=r,
-        )
+        # -- engines (per process) --
         self.engine_first_token_seconds = Histogram(
             "yichui_engine_first_token_seconds",
             "Time from the start of a streamed computation to its first piece of text.",
@@ -249,71 +248,64 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
-    # -- response cache -------------------------------------------------------------------------
+    # -- response cache (the event loop's thread only) ------------------------------------------
     def cache_result(self, endpoint: str, model: str, result: CacheResult) -> None:
         """One request's outcome in the cache (hit, miss, coalesced or bypass)."""
-        self._inc(self.cache_requests, (endpoint, model, result))
-        self._fleet(result)
+        self.cache_requests.inc((endpoint, model, result))
+        self.fleet[result] += 1
+
+    def near_hit(self, endpoint: str, model: str, *, fast: bool = False) -> None:
+        """A hit answered from memory (``fast``: by the hit fast path, before any parsing)."""
+        self.cache_requests.inc((endpoint, model, "hit"))
+        self.cache_near_hits.inc((endpoint, model))
+        fleet = self.fleet
+        fleet["hit"] += 1
+        fleet["near_hits"] += 1
+        if fast:
+            fleet["fast_hits"] += 1
 
     def cache_event(self, event: CacheEvent, endpoint: str, model: str) -> None:
         """Anything else the cache did for a request (stored it, a Redis fault, …)."""
         if event == "stored":
-            self._inc(self.cache_stores, (endpoint, model))
+            self.cache_stores.inc((endpoint, model))
         elif event == "faults":
-            self._inc(self.cache_faults, (endpoint, model))
+            self.cache_faults.inc((endpoint, model))
         elif event == "near_hits":
-            self._inc(self.cache_near_hits, (endpoint, model))
+            self.cache_near_hits.inc((endpoint, model))
         elif event == "coalesce_timeouts":
-            self._inc(self.cache_coalesce_timeouts, (endpoint, model))
+            self.cache_coalesce_timeouts.inc((endpoint, model))
         elif event != "fast_hits":  # a fast hit is a near hit too: only the fleet tells apart
             kind = "compute" if event == "errors" else "coalesced"
-            self._inc(self.cache_errors, (endpoint, model, kind))
-        self._fleet(event)
-
-    def lookup_took(self, endpoint: str, seconds: float) -> None:
-        self._child(self.cache_lookup_seconds, (endpoint,)).observe(seconds)
-
-    # -- requests -------------------------------------------------------------------------------
-    def request_took(self, endpoint: str, cache: str, code: str, seconds: float) -> None:
-        self._child(self.request_seconds, (endpoint, cache, code)).observe(seconds)
-
-    # -- engines --------------------------------------------------------------------------------
-    def first_token(self, model: str, seconds: float) -> None:
-        self._child(self.engine_first_token_seconds, (model,)).observe(seconds)
-
-    def engine_answered(self, model: str, seconds: float, usage: Any = None) -> None:
-        """A whole answer of ``model``'s engine took ``seconds``; ``usage``: its token counts
-        (``prompt_tokens``, ``completion_tokens``), when the engine gave them."""
-        self._child(self.engine_seconds, (model,)).observe(seconds)
-        if usage is not None:
-            self._inc(self.engine_tokens, (model, "prompt"), usage.prompt_tokens)
-            self._inc(self.engine_tokens, (model, "completion"), usage.completion_tokens)
-
-    def _inc(self, metric: PromCounter, labels: tuple[str, ...], n: float = 1) -> None:
-        self._child(metric, labels).inc(n)
-
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        """``metric.labels(*labels)``, looked up once per label set: the hit path counts
-        several times per request, and ``labels()`` validates and locks every time."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def _fleet(self, name: str) -> None:
-        with self._fleet_lock:
-            self.fleet[name] += 1
+            self.cache_errors.inc((endpoint, model, kind))
+        self.fleet[event] += 1
 
     def take_fleet(self) -> Counter[str]:
         """The cache counts since the last call, to add to the fleet totals in Redis."""
-        with self._fleet_lock:
-            counts, self.fleet = self.fleet, Counter()
+        counts, self.fleet = self.fleet, Counter()
         return counts
+
+    def lookup_took(self, endpoint: str, seconds: float) -> None:
+        self.cache_lookup_seconds.observe((endpoint,), seconds)
 
     def watch_cache(self, breaker: Any, near: Any) -> None:
         """Export ``breaker``'s state and ``near``'s size at scrape time."""
         self._breaker_state, self._near = breaker, near
+
+    # -- requests (the event loop's thread only) --------------------------------------------------
+    def request_took(self, endpoint: str, cache: str, code: str, seconds: float) -> None:
+        self.request_seconds.observe((endpoint, cache, code), seconds)
+
+    # -- engines --------------------------------------------------------------------------------
+    def first_token(self, model: str, seconds: float) -> None:
+        self.engine_first_token_seconds.labels(model).observe(seconds)
+
+    def engine_answered(self, model: str, seconds: float, usage: Any = None) -> None:
+        """A whole answer of ``model``'s engine took ``seconds``; ``usage``: its token counts
+        (``prompt_tokens``, ``completion_tokens``), when the engine gave them."""
+        self.engine_seconds.labels(model).observe(seconds)
+        if usage is not None:
+            self.engine_tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+            self.engine_tokens.labels(model, "completion").inc(usage.completion_tokens)
 
     # -- model pool -----------------------------------------------------------------------------
     def watch_pool(self, pool: Any) -> None:
@@ -336,6 +328,80 @@ class Metrics:
             if family.type == "counter":
                 out.add(family.name + "_total")
         return out
+
+
+class _LoopCounter:
+    """A labelled counter for the hit path: a plain dict, bumped on the event loop's thread
+    only and read there by the scrape. prometheus-client's children take a lock and validate
+    labels on every ``inc``: several per hit, measurable (bench/compare.py) on a path of some
+    100 µs."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], n: float = 1.0) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0.0) + n
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in list(self.values.items()):
+            family.add_metric(labels, value)
+        return family
+
+
+class _LoopHistogram:
+    """A labelled histogram on the same terms as :class:`_LoopCounter`."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.bounds = list(buckets)
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        """Labels -> a count per bucket (the last one +Inf), then the sum."""
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket with le >= value
+        series[-1] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, series in list(self.series.items()):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip([*self.bounds, math.inf], series[:-1], strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            family.add_metric(labels, buckets, sum_value=series[-1])
+        return family
+
+
+class _LoopCollector(Collector):
+    def __init__(self) -> None:
+        self.metrics: list[_LoopCounter | _LoopHistogram] = []
+
+    def counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> _LoopCounter:
+        counter = _LoopCounter(name, documentation, labels)
+        self.metrics.append(counter)
+        return counter
+
+    def histogram(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> _LoopHistogram:
+        histogram = _LoopHistogram(name, documentation, labels, buckets)
+        self.metrics.append(histogram)
+        return histogram
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            yield metric.family()
 
 
 class _Snapshot(Collector):

@@ -117,6 +117,15 @@ class ResponseCache:
         with contextlib.suppress(Exception):
             await self._flush_once()
 
+    def near_hit(self, endpoint: str, model: str, *, fast: bool = False) -> None:
+        """A hit answered from memory (``fast``: by the hit fast path)."""
+        counts = self.counts
+        counts["hit"] += 1
+        counts["near_hits"] += 1
+        if fast:
+            counts["fast_hits"] += 1
+        self.metrics.near_hit(endpoint, model, fast=fast)
+
     def count(self, name: CacheResult | CacheEvent, endpoint: str, model: str) -> None:
         """Count ``name`` for a request to ``endpoint`` of ``model`` (a bound model's name)."""
         self.counts[name] += 1
@@ -173,8 +182,7 @@ class ResponseCache:
     ) -> tuple[bytes | None, bool]:
         near = self.near.get(key, max_age)
         if near is not None:
-            self.count("hit", endpoint, model)
-            self.count("near_hits", endpoint, model)
+            self.near_hit(endpoint, model)
             return near, True
         store = self.store
         if store is None or self.breaker.state == "open":

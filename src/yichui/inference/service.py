@@ -199,10 +199,7 @@ class InferenceService:
         if held is None:
             return None
         model, body = held
-        count = self.cache.count
-        count("hit", endpoint, model)
-        count("near_hits", endpoint, model)
-        count("fast_hits", endpoint, model)
+        self.cache.near_hit(endpoint, model, fast=True)
         return key, body
 
     def model_changed(self, model: str | None) -> None:
