@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -222,6 +223,26 @@ def test_data_survives_stop_and_sigkill(embedded: EmbeddedRedis) -> None:
         assert client.get("before-stop") == b"kept"
         assert client.get("before-kill") == b"kept too"
     assert servers_in(embedded.dir) == [again.pid]
+
+
+@pytest.mark.filterwarnings("error::ResourceWarning")
+def test_a_server_killed_by_someone_else_is_reaped(embedded: EmbeddedRedis) -> None:
+    """Its handle is waited on once the death is noticed: no zombie, and no "subprocess … is
+    still running" ResourceWarning when the handle is collected (at exit, for the CLI)."""
+    info = embedded.ensure()
+    os.kill(info.pid, signal.SIGKILL)
+    wait_dead(info.pid)
+    assert embedded.status() is None
+    assert info.pid not in [p.pid for p in embedded_module._CHILDREN]
+    gc.collect()
+    unwaited = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, subprocess.Popen) and o.pid == info.pid and o.returncode is None
+    ]
+    assert unwaited == []
+    with pytest.raises(ChildProcessError):
+        os.waitpid(info.pid, os.WNOHANG)  # reaped already
 
 
 def test_an_unreaped_zombie_counts_as_dead() -> None:

@@ -99,6 +99,15 @@ def _reap(pid: int) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    for proc in _CHILDREN:
+        if proc.pid == pid:
+            # our own child: its handle knows, and reaps it if it exited (a server killed by
+            # someone else would otherwise stay an unwaited Popen: a zombie, and a
+            # ResourceWarning when the handle goes at exit)
+            if proc.poll() is None:
+                return True
+            _CHILDREN.remove(proc)
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
