@@ -103,9 +103,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         # no dependency to solve: the cheapest request there is (bench/cache.py's reference)
         return {"status": "ok", "cache": services_of(request).cache.breaker.state}
 
+    app.add_middleware(RequestTiming, metrics=rt.metrics)  # times what the fast path does not
     app.add_middleware(HitFastPath, services=services)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # limits all
-    app.add_middleware(RequestTiming, metrics=rt.metrics)  # outermost: times all
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: limits all
     _openapi_errors_are_400(app)
     return app
 

@@ -13,11 +13,13 @@ changed model forgets every remembered digest, a store or a clear drops the answ
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from yichui.api.auth import tenant_for
+from yichui.api.metrics import STARTED
 from yichui.api.openai.serving import CACHE_HEADER, KEY_HEADER
 from yichui.errors import RequestError
 from yichui.inference.service import CachePolicy
@@ -40,6 +42,7 @@ class HitFastPath:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ENDPOINTS:
             await self.app(scope, receive, send)
             return
+        started = scope[STARTED] = time.perf_counter()  # the body is read before the timing
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -64,7 +67,11 @@ class HitFastPath:
             await self.app(scope, _replay(replay, receive), send)
             return
         digest = _digest(scope["path"], tenant, headers, body)
-        if await self._answer(digest, headers, send, ENDPOINTS[scope["path"]]):
+        endpoint = ENDPOINTS[scope["path"]]
+        if await self._answer(digest, headers, send, endpoint):
+            self.services.metrics.request_took(
+                endpoint, "hit", "200", time.perf_counter() - started
+            )
             return
         await self.app(scope, _replay(replay, receive), self._remembering(digest, send))
 

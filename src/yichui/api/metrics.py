@@ -25,7 +25,6 @@ ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
     "/v1/models": "models",
-    "/health": "health",
     "/metrics": "metrics",
 }
 """Path -> the ``endpoint`` label (any other path: ``other``, so the labels stay bounded)."""
@@ -50,19 +49,25 @@ async def metrics(request: Request) -> Response:
     return Response(services.metrics.exposition(snapshot), media_type=CONTENT_TYPE)
 
 
+STARTED = "yichui.started"
+"""Scope key: when the request arrived (set by the hit fast path, which reads the body first)."""
+
+
 class RequestTiming:
     """Times every HTTP request until its last byte is sent: ``yichui_request_seconds`` by
-    endpoint, the cache's answer (``x-yichui-cache``, ``none`` without one) and status code."""
+    endpoint, the cache's answer (``x-yichui-cache``, ``none`` without one) and status code.
+    Liveness probes (``/health``) are not timed. Hits the fast path answers are timed there:
+    they never reach this."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] == "/health":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = scope.get(STARTED) or time.perf_counter()
         endpoint = ENDPOINTS.get(scope["path"], OTHER)
         status, cache = "500", "none"
         done = False
