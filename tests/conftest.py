@@ -19,7 +19,8 @@ pytest_plugins = [
     "tests.hub_fixtures",
     "tests.task_fixtures",
     "tests.training_fixtures",
-]  # fake hub and SDK isolation fixtures
+    "tests.suite_checks",
+]  # fake hub and SDK isolation fixtures; checks on the whole run
 
 
 @pytest.fixture(scope="session")
