@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,15 @@ def test_venv_check_names_python3_venv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_make_checks_before_installing_or_testing() -> None:
     for target in ("test", "pytest", "quick"):
+        # not the make running this suite's MAKEFLAGS/MAKELEVEL ("Entering directory" lines)
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
         dry = subprocess.run(
-            ["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60
+            ["make", "-n", "--no-print-directory", target],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert dry.returncode == 0, dry.stderr
         assert dry.stdout.splitlines()[0].endswith("tools/prereqs.py redis"), dry.stdout

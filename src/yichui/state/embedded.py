@@ -104,8 +104,11 @@ def _pid_alive(pid: int) -> bool:
             # our own child: its handle knows, and reaps it if it exited (a server killed by
             # someone else would otherwise stay an unwaited Popen: a zombie, and a
             # ResourceWarning when the handle goes at exit)
-            if proc.poll() is None:
+            if proc.poll() is None and not _is_zombie(pid):
                 return True
+            # exited: reap it (waitpid may not report an exit the kernel shows a moment ago)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_TIMEOUT)
             _CHILDREN.remove(proc)
             return False
     try:
