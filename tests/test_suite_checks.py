@@ -30,19 +30,25 @@ def test_known_bug():
 """
 
 
+IN_PROCESS = ("-p", "tests.suite_checks", "-p", "no:yichui-leak-guard")
+"""The skip checks run in this process (a subprocess costs seconds); the leak guard, which
+looks at every Popen of the process, is left out there: this run's are not theirs."""
+
+
 @pytest.fixture
 def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester whose runs load the plugin (in a fresh process: this run's Popens are not
-    theirs) with the allow-list ``skips.txt``."""
+    """A pytester whose runs load the plugin with the allow-list ``skips.txt``."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.delenv("CI", raising=False)
-    pytester.makeini("[pytest]\nallowed_skips = skips.txt\n")
+    pytester.makeini(
+        "[pytest]\nallowed_skips = skips.txt\nasyncio_default_fixture_loop_scope = function\n"
+    )
     pytester.makepyfile(test_tiny=TESTS)
     return pytester
 
 
 def test_outside_ci_skips_pass(run: pytest.Pytester) -> None:
-    result = run.runpytest_subprocess("-p", "tests.suite_checks")
+    result = run.runpytest_inprocess(*IN_PROCESS)
     result.assert_outcomes(passed=2, skipped=2, xfailed=1)
     assert result.ret == 0
 
@@ -54,7 +60,7 @@ def test_in_ci_a_skip_not_allowed_fails_the_run(
     run.path.joinpath("skips.txt").write_text(
         "# comment\n\ntest_tiny.py::test_param[[]2]  two is out of scope\n"
     )
-    result = run.runpytest_subprocess("-p", "tests.suite_checks")
+    result = run.runpytest_inprocess(*IN_PROCESS)
     result.assert_outcomes(passed=2, skipped=2, xfailed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(
@@ -69,7 +75,7 @@ def test_in_ci_allowed_skips_pass(run: pytest.Pytester, monkeypatch: pytest.Monk
     run.path.joinpath("skips.txt").write_text(
         "test_tiny.py::test_gpu  needs a CUDA GPU\ntest_tiny.py::test_param[2]  out of scope\n"
     )
-    result = run.runpytest_subprocess("-p", "tests.suite_checks")
+    result = run.runpytest_inprocess(*IN_PROCESS)
     result.assert_outcomes(passed=2, skipped=2, xfailed=1)
     assert result.ret == 0
 
@@ -82,12 +88,12 @@ def test_in_ci_a_module_skip_counts_and_reasons_are_required(
         test_other="import pytest\npytest.skip('no SDK', allow_module_level=True)\n",
     )
     run.path.joinpath("skips.txt").write_text("test_tiny.py::*  all of it\n")
-    result = run.runpytest_subprocess("-p", "tests.suite_checks")
+    result = run.runpytest_inprocess(*IN_PROCESS)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["test_other.py: no SDK"])
 
     run.path.joinpath("skips.txt").write_text("test_tiny.py::test_gpu\n")
-    result = run.runpytest_subprocess("-p", "tests.suite_checks")
+    result = run.runpytest_inprocess(*IN_PROCESS)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*skips.txt:1: 'test_tiny.py::test_gpu' needs a reason*"])
 
@@ -105,6 +111,7 @@ def test_reaped():
     subprocess.Popen([sys.executable, "-c", "pass"]).wait()
 """
     )
+    # in a fresh process: the guard looks at every Popen of its process
     result = run.runpytest_subprocess("-p", "tests.suite_checks", "test_leak.py")
     result.assert_outcomes(passed=2)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
