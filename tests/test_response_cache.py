@@ -183,8 +183,9 @@ async def test_miss_then_hit(make_cache: Callable[..., ResponseCache]) -> None:
 
 
 async def test_concurrent_misses_compute_once(make_cache: Callable[..., ResponseCache]) -> None:
-    # two caches with their own connections stand for two server processes
-    a, b = make_cache(), make_cache()
+    # two caches with their own connections stand for two server processes; a loaded CI box
+    # must not turn 50 sessions' Redis calls into faults (each one a bypass: computed again)
+    a, b = make_cache(timeout=1.0), make_cache(timeout=1.0)
     await a.start()
     await b.start()
     await asyncio.sleep(0.1)  # subscriptions in place
