@@ -324,15 +324,6 @@ class Metrics:
             self._cluster = cluster
             return generate_latest(self.registry)
 
-    def names(self) -> set[str]:
-        """Every metric family name this process may export (for tests and docs)."""
-        out: set[str] = set()
-        for family in self.registry.collect():
-            out.add(family.name)
-            if family.type == "counter":
-                out.add(family.name + "_total")
-        return out
-
 
 class _LoopCounter:
     """A labelled counter for the hit path: a plain dict, bumped on the event loop's thread
