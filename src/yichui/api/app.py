@@ -18,12 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from yichui import __version__
 from yichui.api.deps import services_of
-from yichui.api.errors import error_body, install_handlers
+from yichui.api.errors import install_handlers
 from yichui.api.fastpath import HitFastPath, send_json
 from yichui.api.metrics import RequestTiming
 from yichui.api.metrics import router as metrics_router
 from yichui.api.openai.router import router as openai_router
 from yichui.config import Settings, load_settings
+from yichui.errors import error_body
 from yichui.runtime import Runtime
 
 log = logging.getLogger("yichui.api")

@@ -18,14 +18,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
 
-from yichui.errors import ConfigError
+from yichui.errors import ConfigError, error_body
 from yichui.metrics import CONTENT_TYPE, check_access
 
 if TYPE_CHECKING:
     from yichui.runtime import Runtime
 
 _REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed"}
-_TYPES = {401: "authentication_error", 403: "permission_error"}
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -88,9 +87,8 @@ class MetricsServer:
 
 
 def _error(start_response: Callable[..., Any], status: int, message: str) -> list[bytes]:
-    """An OpenAI-style error body, as the API answers (``api/errors.py``)."""
-    kind = _TYPES.get(status, "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    """The API's error body (:func:`yichui.errors.error_body`)."""
+    body = error_body(status, message)
     headers = [("Content-Type", "application/json")]
     if status == 401:
         headers.append(("WWW-Authenticate", "Bearer"))
