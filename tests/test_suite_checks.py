@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,13 @@ def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Py
     return pytester
 
 
+def run_in_ci(run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, skips: str) -> Any:
+    """The tiny suite with ``CI=true`` and ``skips`` as the allow-list."""
+    monkeypatch.setenv("CI", "true")
+    run.path.joinpath("skips.txt").write_text(skips)
+    return run.runpytest_inprocess(*IN_PROCESS)
+
+
 def test_outside_ci_skips_pass(run: pytest.Pytester) -> None:
     result = run.runpytest_inprocess(*IN_PROCESS)
     result.assert_outcomes(passed=2, skipped=2, xfailed=1)
@@ -56,11 +64,9 @@ def test_outside_ci_skips_pass(run: pytest.Pytester) -> None:
 def test_in_ci_a_skip_not_allowed_fails_the_run(
     run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CI", "true")
-    run.path.joinpath("skips.txt").write_text(
-        "# comment\n\ntest_tiny.py::test_param[[]2]  two is out of scope\n"
+    result = run_in_ci(
+        run, monkeypatch, "# comment\n\ntest_tiny.py::test_param[[]2]  two is out of scope\n"
     )
-    result = run.runpytest_inprocess(*IN_PROCESS)
     result.assert_outcomes(passed=2, skipped=2, xfailed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(
@@ -71,11 +77,11 @@ def test_in_ci_a_skip_not_allowed_fails_the_run(
 
 
 def test_in_ci_allowed_skips_pass(run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CI", "true")
-    run.path.joinpath("skips.txt").write_text(
-        "test_tiny.py::test_gpu  needs a CUDA GPU\ntest_tiny.py::test_param[2]  out of scope\n"
+    result = run_in_ci(
+        run,
+        monkeypatch,
+        "test_tiny.py::test_gpu  needs a CUDA GPU\ntest_tiny.py::test_param[2]  out of scope\n",
     )
-    result = run.runpytest_inprocess(*IN_PROCESS)
     result.assert_outcomes(passed=2, skipped=2, xfailed=1)
     assert result.ret == 0
 
