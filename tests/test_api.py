@@ -50,6 +50,7 @@ def server(
         tmp_path_factory.mktemp("serve"),
         redis_url=redis_server.url,
         upstreams={"echo": {"url": upstream.url, "model": "echo-up", "accepts_images": True}},
+        auth="keys",
         api_keys={hashlib.sha256(k.encode()).hexdigest(): t for k, t in KEYS.items()},
         image_file_roots=[str(images)],
         max_body_bytes=200_000,
@@ -276,6 +277,7 @@ def test_concurrent_identical_requests_compute_once(
         tmp_path,
         redis_url=redis_server.url,
         upstreams={"echo": {"url": fresh.url, "model": "echo-up"}},
+        auth="keys",
         api_keys={hashlib.sha256(k.encode()).hexdigest(): t for k, t in KEYS.items()},
         cache_timeout=1.0,
     ).start()

@@ -78,6 +78,23 @@ class UpstreamRoute(BaseModel):
     accepts_images: bool = False
 
 
+ROLES = ("user", "admin")
+"""What an API key may do (``docs/api.md``, *Roles*): ``user`` chats, pulls and runs its own
+tenant's tasks; ``admin`` does everything."""
+
+TENANT_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}"
+
+
+class ConfiguredKey(BaseModel):
+    """An API key of the settings: ``"<digest>" = "team-a"`` or
+    ``"<digest>" = {tenant = "ops", role = "admin"}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant: str = Field(pattern=f"^{TENANT_PATTERN}$")
+    role: Literal["user", "admin"] = "user"
+
+
 class Settings(BaseSettings):
     """Everything configurable, with its default."""
 
@@ -155,9 +172,28 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
-    api_keys: dict[str, str] = Field(default_factory=dict)
-    """SHA-256 (hex) of an API key -> its tenant. Empty: local mode, no key needed, one tenant
-    ``local``. Store digests only (``docs/api.md`` shows how to make one)."""
+    auth: Literal["local", "keys"] = "local"
+    """``local``: no key is asked for; every caller is the tenant ``local`` with the admin role
+    (keep ``api_host`` on loopback). ``keys``: every request needs an API key, one of
+    ``api_keys`` or one made by ``yichui keys create`` (stored in Redis); anything else is
+    refused (401), also while Redis is unreachable."""
+    api_keys: dict[str, ConfiguredKey] = Field(default_factory=dict)
+    """SHA-256 (hex) of an API key -> its tenant (role ``user``), or a table ``{tenant, role}``.
+    Used with ``auth = "keys"``. Store digests only (``docs/api.md`` shows how to make one)."""
+    session_ttl: int = Field(default=12 * 3600, gt=0)
+    """Seconds a dashboard session (the cookie the page gets for a key) lives."""
+    audit_max: int = Field(default=10_000, ge=10)
+    """Entries the audit log (admin actions) keeps."""
+    server_heartbeat: float = Field(default=2.0, gt=0)
+    """Seconds between an API process's fleet heartbeats (what it has loaded, for
+    ``yichui ps``); its entry expires after three missed ones."""
+    datasets_dir: Path | None = None
+    """A folder of JSONL datasets the dashboard's training form offers (unset: uploads only)."""
+    upload_max_bytes: int = Field(default=16 * 1024**2, gt=0)
+    """Largest dataset the dashboard accepts as an upload: 400 beyond, nothing stored."""
+    sse_buffer: int = Field(default=256, ge=8)
+    """Events buffered for one Server-Sent Events client; a client that falls further behind
+    is dropped (it reconnects with ``Last-Event-ID`` and misses nothing of a task's log)."""
     cache_shared: bool = False
     """Share response-cache entries across tenants (off: each tenant has its own)."""
     response_ttl_by_model: dict[str, PositiveInt] = Field(default_factory=dict)
@@ -217,13 +253,26 @@ class Settings(BaseSettings):
             raise ValueError("use 1-64 letters, digits, '_', '.' or '-'")
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def _check_keys(cls, value: dict[str, str]) -> dict[str, str]:
-        for digest in value:
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+    def _check_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        out: dict[str, Any] = {}
+        for digest, spec in value.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
                 raise ValueError("keys must be SHA-256 hex digests of the API keys, not the keys")
-        return value
+            out[digest] = {"tenant": spec} if isinstance(spec, str) else spec
+        return out
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        if self.auth == "local" and self.api_keys:
+            raise ValueError(
+                "api_keys are set but auth is 'local', which lets every request in: "
+                "set auth = 'keys'"
+            )
+        return self
 
     @field_validator("extensions")
     @classmethod

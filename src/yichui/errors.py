@@ -6,7 +6,9 @@ it with (``status``) and the exit code the CLI ends with (``exit_code``)::
     ├── MissingExtraError (ImportError)               501  an optional extra (ml, hub) is missing
     ├── RequestError                                  400  a request the API refuses (``param``,
     │   │                                                  ``code``; any 4xx as ``status``)
-    │   └── AuthenticationError                       401  no API key, or an unknown one
+    │   ├── AuthenticationError                       401  no API key, or an unknown one
+    │   ├── PermissionDeniedError                     403  the key's role may not do this
+    │   └── NotFoundError (LookupError)               404  an unknown task, key, server, run
     ├── ClientError                                   502  `yichui chat`: the server failed us
     ├── StateError                                    503  the state layer (Redis)
     │   ├── RedisUnavailableError (ConnectionError)   503
@@ -130,6 +132,22 @@ class AuthenticationError(RequestError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, status=401, code="invalid_api_key")
+
+
+class PermissionDeniedError(RequestError):
+    """An authenticated caller whose role (or tenant) may not do what it asked."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, status=403, code="permission_denied", hint=hint)
+
+
+class NotFoundError(RequestError, LookupError):
+    """Something a request names that does not exist (an API key, a training run, …)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, status=404, code="not_found", hint=hint)
 
 
 class ClientError(YichuiError):

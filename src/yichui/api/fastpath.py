@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from yichui.api.auth import tenant_for
 from yichui.api.metrics import STARTED
 from yichui.api.openai.serving import CACHE_HEADER, KEY_HEADER
 from yichui.errors import RequestError
@@ -62,10 +61,12 @@ class HitFastPath:
         if "no-cache" in headers.get(b"cache-control", "").lower():
             await self.app(scope, _replay(replay, receive), send)
             return
-        tenant = tenant_for(self.services.settings.api_keys, headers.get(b"authorization", ""))
-        if tenant is None:  # the normal path answers 401
+        principal = self.services.auth.principal(headers.get(b"authorization", ""))
+        if principal is None or (b"authorization" not in headers and not self.services.auth.local):
+            # no key, an unknown or revoked one, or a session cookie: the normal path decides
             await self.app(scope, _replay(replay, receive), send)
             return
+        tenant = principal.tenant
         digest = _digest(scope["path"], tenant, headers, body)
         endpoint = ENDPOINTS[scope["path"]]
         if await self._answer(digest, headers, send, endpoint):

@@ -22,6 +22,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from yichui import __version__
+from yichui.access import AuditLog, Authenticator, KeyStore
 from yichui.config import Settings
 from yichui.errors import RedisUnavailableError, StateError
 from yichui.metrics import Metrics
@@ -88,6 +89,21 @@ class Runtime:
         from yichui.runtime.probe import ClusterProbe
 
         return ClusterProbe(self)
+
+    # -- access ---------------------------------------------------------------------------------
+    @cached_property
+    def key_store(self) -> KeyStore:
+        """The API keys in Redis (``yichui keys``); RedisUnavailableError without Redis."""
+        return KeyStore(self.redis()[0], self.keys)
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        """The audit log of admin actions (in the state instance)."""
+        return AuditLog(self.redis()[0], self.keys, self.settings.audit_max)
+
+    def authenticator(self) -> Authenticator:
+        """The authentication service of an API process (its key table not loaded yet)."""
+        return Authenticator(self.settings)
 
     # -- models ---------------------------------------------------------------------------------
     @cached_property

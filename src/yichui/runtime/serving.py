@@ -5,6 +5,9 @@
         services.router             # the engines, for /v1/models
         services.cache              # the response cache (counters, breaker state)
         services.metrics, .probe    # this process's metrics; the deployment's, read for a scrape
+        services.auth               # who asks (API keys, roles): every request path uses it
+        services.sessions           # the dashboard's sessions (cookie -> key)
+        services.state              # the state instance's asyncio client
 
 Two asyncio Redis clients: the state instance's (model events) and the cache instance's
 (``cache_redis_url``, by default the same URL). Redis down at start is no failure: the API
@@ -19,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TypeVar
 
+from yichui.access import Authenticator, SessionStore
 from yichui.backoff import Backoff
 from yichui.errors import RedisUnavailableError, StateError
 from yichui.inference.cache import ResponseCache
@@ -55,9 +59,23 @@ class ServingServices:
         self._router: ModelRouter | None = None
         self._inference: InferenceService | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._keys_task: asyncio.Task[None] | None = None
+        self._sessions: SessionStore | None = None
+        self.auth: Authenticator = rt.authenticator()
+        """Checks every request's key without a Redis call (its table kept fresh here)."""
         self.metrics = rt.metrics
         self.probe = rt.probe()
         """Reads the deployment's figures for ``/metrics``."""
+
+    @property
+    def state(self) -> AsyncRedis:
+        if self._state is None:
+            raise RuntimeError("the serving services are not started")
+        return self._state
+
+    @property
+    def sessions(self) -> SessionStore:
+        return _started(self._sessions)
 
     @property
     def cache(self) -> ResponseCache:
@@ -81,6 +99,17 @@ class ServingServices:
         cache_url = s.cache_redis_url or state_url
         self._state = make_async_client(parse_redis_url(state_url), s)
         self._cache_client = make_async_client(parse_redis_url(cache_url), s)
+        self._sessions = SessionStore(self._state, rt.keys, s.session_ttl)
+        if not self.auth.local:  # the keys, before the first request is let in
+            try:
+                await asyncio.wait_for(
+                    self.auth.table.load(self._state, rt.keys), s.redis_connect_timeout
+                )
+            except Exception as exc:  # refused until they load: fail closed
+                log.warning("API keys not loaded at start (%r): only api_keys work until then", exc)
+            self._keys_task = asyncio.create_task(
+                self.auth.table.run(self._state, rt.keys), name="api-keys"
+            )
         self._cache = ResponseCache(
             ResponseStore(self._cache_client, rt.keys),
             ttl_for=lambda model: s.response_ttl_by_model.get(model, s.response_ttl),
@@ -106,10 +135,11 @@ class ServingServices:
         await self.close()
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._keys_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._inference is not None:
             await self._inference.close()
         if self._cache is not None:

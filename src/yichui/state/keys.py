@@ -125,6 +125,34 @@ class Keys:
         fingerprint, the dataset's hash and the parameters; TTL ``eval_result_ttl`` ± jitter."""
         return self._k("eval_result", key)
 
+    # -- access: API keys, dashboard sessions, audit log --------------------------------------
+    def api_keys(self) -> str:
+        """HASH, SHA-256 hex digest of an API key -> JSON ``{id, tenant, role, name, created}``
+        (never the key itself). Written by ``yichui keys``; every API process holds a copy."""
+        return self._k("api_keys")
+
+    def api_key_events(self) -> str:
+        """Pub/sub channel: ``{"event": "created"|"revoked", "id"}`` on every change of
+        :meth:`api_keys`, so API processes reload their copy at once."""
+        return self._k("api_key_events")
+
+    def session(self, session_id: str) -> str:
+        """STRING, JSON ``{digest, csrf, created}`` of one dashboard session (the cookie's id);
+        TTL ``session_ttl``. The digest names the key, so revoking the key ends the session."""
+        return self._k("session", session_id)
+
+    def audit_log(self) -> str:
+        """STREAM, admin actions ``{at, tenant, key, action, target, detail}``, capped at
+        ``audit_max`` entries."""
+        return self._k("audit_log")
+
+    # -- fleet ----------------------------------------------------------------------------------
+    def servers(self) -> str:
+        """HASH, server id -> JSON heartbeat of one ``yichui serve`` process (host, pid, port,
+        loaded models, requests, last heartbeat); entries older than three heartbeats are
+        dropped by the readers."""
+        return self._k("servers")
+
 
 def _quote(model: str) -> str:
     return quote(model, safe="/._-")

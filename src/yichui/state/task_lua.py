@@ -33,7 +33,8 @@ local function set_state(new, extra)
   redis.call('ZADD', index[new], now, id)
   redis.call('HSET', status, 'state', new, 'updated', now)
   local ev = {id = id, state = new, type = redis.call('HGET', status, 'type'),
-              attempt = tonumber(redis.call('HGET', status, 'attempt') or '0'), ts = now / 1000}
+              attempt = tonumber(redis.call('HGET', status, 'attempt') or '0'), ts = now / 1000,
+              tenant = redis.call('HGET', status, 'tenant') or nil}
   if extra then for k, v in pairs(extra) do ev[k] = v end end
   local payload = cjson.encode(ev)
   emit('state', payload)
@@ -83,7 +84,7 @@ local function end_run(ttl_ms, keep_ms)
 end
 """
 
-# ARGV[5] type, [6] args JSON, [7] queue name, [8] max attempts, [9] delay ms
+# ARGV[5] type, [6] args JSON, [7] queue name, [8] max attempts, [9] delay ms, [10] tenant
 # -> {1} created, or {0, type, args} of the task that already has this id
 ENQUEUE = (
     _PRELUDE
@@ -93,7 +94,7 @@ if redis.call('EXISTS', status) == 1 then
 end
 redis.call('DEL', log)
 redis.call('HSET', status, 'id', id, 'type', ARGV[5], 'args', ARGV[6], 'queue', ARGV[7],
-           'attempt', 0, 'max_attempts', ARGV[8], 'created', now)
+           'attempt', 0, 'max_attempts', ARGV[8], 'created', now, 'tenant', ARGV[10])
 set_state('queued')
 local delay = tonumber(ARGV[9])
 if delay > 0 then

@@ -184,11 +184,21 @@ class TaskStore:
         queue: str,
         max_attempts: int,
         delay: float = 0.0,
+        tenant: str = "local",
     ) -> tuple[bool, str, dict[str, Any]]:
-        """Queue a task unless ``task_id`` exists: -> (created, type, args) of the stored task."""
+        """Queue a task unless ``task_id`` exists: -> (created, type, args) of the stored task.
+        ``tenant`` is recorded as the task's owner (``status["tenant"]``)."""
         payload = dumps(dict(args)).decode()
         res = self._run(
-            "ENQUEUE", task_id, queue, type_, payload, queue, max_attempts, int(delay * 1000)
+            "ENQUEUE",
+            task_id,
+            queue,
+            type_,
+            payload,
+            queue,
+            max_attempts,
+            int(delay * 1000),
+            tenant,
         )
         if int(res[0]) == 1:
             return True, type_, dict(args)

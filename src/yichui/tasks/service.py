@@ -19,6 +19,12 @@ from yichui.metrics import Metrics
 from yichui.state.task_store import STATES, LogEntry, TaskState, TaskStore
 from yichui.tasks.types import TaskTypes, builtin_types
 
+LOCAL_TENANT = "local"
+"""The tenant of the CLI and of ``auth = "local"``: the owner of tasks nobody else submitted."""
+
+_LISTING_CAP = 5000
+"""Most tasks one listing reads to find a tenant's own."""
+
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -72,8 +78,10 @@ class TaskService:
         queue: str | None = None,
         max_attempts: int | None = None,
         delay: float = 0.0,
+        tenant: str = LOCAL_TENANT,
     ) -> dict[str, Any]:
-        """Validate and queue a task; idempotent for a given ``task_id`` -> its status."""
+        """Validate and queue a task; idempotent for a given ``task_id`` -> its status.
+        ``tenant`` (who submits it) is recorded in the status."""
         task_type = self.types.get(type_)
         parsed = task_type.parse(args or {})
         stored_args = parsed.model_dump(mode="json")
@@ -99,6 +107,7 @@ class TaskService:
             queue=queue or self.settings.task_queue,
             max_attempts=attempts,
             delay=delay,
+            tenant=tenant,
         )
         if created:
             self.metrics.tasks_submitted.labels(type_).inc()
@@ -120,11 +129,26 @@ class TaskService:
         return status
 
     def listing(
-        self, states: Sequence[str] | None = None, *, limit: int = 50
+        self,
+        states: Sequence[str] | None = None,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        tenant: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest ``limit`` tasks in ``states`` (default: every state), newest first."""
+        """The newest tasks in ``states`` (default: every state), newest first: ``limit`` of
+        them after skipping ``offset``; only ``tenant``'s when given."""
         wanted = tuple(_task_state(s) for s in states) if states else STATES
-        return self.store.listing(wanted, limit=limit)
+        if tenant is None:
+            return self.store.listing(wanted, limit=offset + limit)[offset:]
+        want = offset + limit
+        fetch = want
+        while True:  # other tenants' tasks are skipped: read further until enough are found
+            rows = self.store.listing(wanted, limit=fetch)
+            mine = [t for t in rows if t.get("tenant", LOCAL_TENANT) == tenant]
+            if len(mine) >= want or len(rows) < fetch or fetch >= _LISTING_CAP:
+                return mine[offset:want]
+            fetch = min(fetch * 4, _LISTING_CAP)
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
