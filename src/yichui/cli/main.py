@@ -15,6 +15,7 @@ from yichui.cli import (
     cache_cmd,
     chat,
     doctor,
+    keys,
     models,
     redis_cmd,
     serve,
@@ -47,6 +48,7 @@ app.command("eval")(train.eval_)
 app.add_typer(cache_cmd.app, name="cache")
 app.command("doctor")(doctor.doctor)
 app.command("up")(up.up)
+app.add_typer(keys.app, name="keys")
 
 
 def _version(value: bool) -> None:
