@@ -17,6 +17,7 @@ from yichui.cli import (
     doctor,
     keys,
     models,
+    ps,
     redis_cmd,
     serve,
     tasks,
@@ -48,6 +49,7 @@ app.command("eval")(train.eval_)
 app.add_typer(cache_cmd.app, name="cache")
 app.command("doctor")(doctor.doctor)
 app.command("up")(up.up)
+app.command("ps")(ps.ps)
 app.add_typer(keys.app, name="keys")
 
 

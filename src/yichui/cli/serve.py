@@ -43,6 +43,10 @@ def serve(
     rt: Runtime = ctx.obj
     rt.role = "api"
     s = rt.settings
+    # where it listens, in its settings: its fleet heartbeat tells others (`yichui ps`)
+    rt.settings = s = s.model_copy(
+        update={"api_host": host or s.api_host, "api_port": port or s.api_port}
+    )
     base = worker_metrics_port or s.worker_metrics_port
     if base is not None and base + workers - 1 > 65535:
         raise ConfigError(f"worker metrics ports {base}..{base + workers - 1} run past 65535")
@@ -74,8 +78,8 @@ def serve(
 
     config_ = uvicorn.Config(
         create_app(s, runtime=rt),
-        host=host or s.api_host,
-        port=port or s.api_port,
+        host=s.api_host,
+        port=s.api_port,
         log_level=log_level,
         access_log=False,
     )

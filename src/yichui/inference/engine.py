@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -177,6 +177,8 @@ class Engine(Protocol):
     Implementations: ``engines/upstream.py`` (OpenAI-compatible servers: vLLM, SGLang, Ollama,
     ``swift deploy``…), ``engines/local.py`` (transformers, in this process). More come from
     capabilities and extensions (see ``docs/architecture.md``); the router asks them in order.
+    One that keeps models loaded in this process also implements :class:`PoolingEngine`, so
+    the fleet view (``yichui ps``) shows them.
     """
 
     name: str
@@ -190,3 +192,29 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """What an engine holds loaded in this process, for the fleet view (``yichui ps``).
+
+    ``models``: one dict per loaded model (``model``, ``engine``, ``bytes``, ``device``,
+    ``dtype``, ``requests``, ``in_use``, ``last_used``, ``idle_seconds``), least recently used
+    first. The pool evicts by memory: before a load, least recently used idle models go until
+    the new one fits ``budget`` bytes (``model_memory_budget``); ``used`` is what it holds now.
+    """
+
+    budget: int
+    used: int
+    models: tuple[dict[str, Any], ...] = ()
+
+
+@runtime_checkable
+class PoolingEngine(Protocol):
+    """An engine that keeps models loaded in this process (the local one). Optional: engines
+    that only forward requests (upstreams, most extensions) do not implement it, and the
+    router reports nothing for them."""
+
+    def loaded(self) -> PoolSnapshot:
+        """What is loaded now; cheap (no I/O), called once per fleet heartbeat."""
+        ...

@@ -79,7 +79,10 @@ class LoadedModel:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
     """Requests inside ``pool.use()`` of this model right now (in use: not evictable)."""
+    requests: int = 0
+    """Requests this model has run since it was loaded (cache hits never reach the pool)."""
     last_used: float = field(default_factory=time.monotonic)
+    """When a request last took or gave back the model (``time.monotonic()``)."""
 
 
 class ModelPool:
@@ -137,6 +140,25 @@ class ModelPool:
     def loaded(self) -> list[str]:
         """Names of the loaded models, least recently used first."""
         return list(self._models)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """One row per loaded model, least recently used first (the next to be evicted), for
+        the fleet view: ``model``, ``bytes``, ``device``, ``dtype``, ``requests``, ``in_use``,
+        ``last_used`` (epoch seconds, this host's clock) and ``idle_seconds`` (0 in use)."""
+        mono, wall = time.monotonic(), time.time()
+        return [
+            {
+                "model": e.name,
+                "bytes": e.nbytes,
+                "device": e.device,
+                "dtype": e.dtype,
+                "requests": e.requests,
+                "in_use": e.users,
+                "last_used": round(wall - (mono - e.last_used), 3),
+                "idle_seconds": 0.0 if e.users else round(mono - e.last_used, 3),
+            }
+            for e in self._models.values()
+        ]
 
     def stats(self) -> dict[str, Any]:
         """What is loaded and the counters, for the API's status endpoint and the tests."""
@@ -196,6 +218,7 @@ class ModelPool:
 
     def _checkout(self, entry: LoadedModel) -> LoadedModel:
         entry.users += 1
+        entry.requests += 1
         entry.last_used = time.monotonic()
         self._models.move_to_end(entry.name)
         return entry

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from yichui.errors import ModelNotFoundError
-from yichui.inference.engine import BoundEngine, Engine, ModelCard
+from yichui.inference.engine import BoundEngine, Engine, ModelCard, PoolingEngine, PoolSnapshot
 
 CARD_TTL = 5.0
 """Seconds a bound model is reused in-process: engines are asked (the local one reads the
@@ -56,6 +56,18 @@ class ModelRouter:
             for card in await engine.cards():
                 out.setdefault(card.id, card)
         return sorted(out.values(), key=lambda c: c.id)
+
+    def loaded(self) -> PoolSnapshot | None:
+        """What the engines that keep models in this process hold (their budgets and bytes
+        added up), for the fleet view; None when no engine does (upstream routes only)."""
+        pools = [e.loaded() for e in self.engines if isinstance(e, PoolingEngine)]
+        if not pools:
+            return None
+        return PoolSnapshot(
+            budget=sum(p.budget for p in pools),
+            used=sum(p.used for p in pools),
+            models=tuple(m for p in pools for m in p.models),
+        )
 
     async def close(self) -> None:
         for engine in self.engines:

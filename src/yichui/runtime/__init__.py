@@ -32,6 +32,7 @@ from yichui.models.status import LISTING_FIELDS
 from yichui.runtime import capabilities
 from yichui.state.connection import RedisTarget, SyncRedis, connect, parse_redis_url, resolve_url
 from yichui.state.eval_store import EvalResultStore
+from yichui.state.fleet import ServerStore
 from yichui.state.keys import Keys
 from yichui.state.model_status import ModelStatusStore
 from yichui.state.task_store import TaskStore
@@ -196,6 +197,13 @@ class Runtime:
         return EvalResultStore(client, self.keys, ttl=s.eval_result_ttl, jitter=s.ttl_jitter)
 
     # -- inference ------------------------------------------------------------------------------
+    @cached_property
+    def fleet(self) -> ServerStore:
+        """The API servers' heartbeats (``yichui ps``, ``/api/servers``):
+        ``rt.fleet.listing(stale_after=3 * settings.server_heartbeat)``;
+        RedisUnavailableError without Redis."""
+        return ServerStore(self.redis()[0], self.keys)
+
     def engines(self) -> list[Engine]:
         """Every engine of this process, in the order the router asks them."""
         return capabilities.engines(self.settings.extensions, self)

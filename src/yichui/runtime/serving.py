@@ -28,6 +28,7 @@ from yichui.errors import RedisUnavailableError, StateError
 from yichui.inference.cache import ResponseCache
 from yichui.inference.router import ModelRouter
 from yichui.inference.service import InferenceService
+from yichui.runtime.fleet import FleetHeartbeat
 from yichui.state.connection import (
     REDIS_ERRORS,
     AsyncRedis,
@@ -61,6 +62,7 @@ class ServingServices:
         self._watcher: asyncio.Task[None] | None = None
         self._keys_task: asyncio.Task[None] | None = None
         self._sessions: SessionStore | None = None
+        self._fleet: FleetHeartbeat | None = None
         self.auth: Authenticator = rt.authenticator()
         """Checks every request's key without a Redis call (its table kept fresh here)."""
         self.metrics = rt.metrics
@@ -126,6 +128,8 @@ class ServingServices:
             self._router, self._cache, shared=s.cache_shared, wait=s.cache_wait, metrics=rt.metrics
         )
         self._watcher = asyncio.create_task(self._watch_models(), name="model-events")
+        self._fleet = FleetHeartbeat(s, rt.keys, self._state, self._router, self._cache)
+        self._fleet.start()  # what this server has loaded, for `yichui ps`
 
     async def __aenter__(self) -> ServingServices:
         await self.start()
@@ -135,6 +139,8 @@ class ServingServices:
         await self.close()
 
     async def close(self) -> None:
+        if self._fleet is not None:
+            await self._fleet.close()  # first: `ps` lists no server that is shutting down
         for task in (self._watcher, self._keys_task):
             if task is not None:
                 task.cancel()

@@ -58,6 +58,7 @@ from yichui.inference.engine import (
     EngineResult,
     EngineServices,
     ModelCard,
+    PoolSnapshot,
     Usage,
 )
 from yichui.inference.pool import LoadedModel, ModelPool
@@ -158,6 +159,12 @@ class LocalEngine:
             if bound is not None:
                 out.append(bound.card)
         return out
+
+    def loaded(self) -> PoolSnapshot:
+        """The pool's models, budget and bytes in use (:class:`PoolingEngine`: the fleet view)."""
+        pool = self.pool
+        rows = tuple({**row, "engine": self.name} for row in pool.snapshot())
+        return PoolSnapshot(budget=pool.budget_bytes, used=pool.nbytes, models=rows)
 
     async def close(self) -> None:
         """Let the pool's models go (those still in use go when their requests end)."""
