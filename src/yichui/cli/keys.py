@@ -59,7 +59,7 @@ def create(
     check_role(role)
     rt = _rt(ctx)
     secret, record = rt.key_store.create(tenant, role, name=name)
-    rt.audit.record(CLI, "keys.create", str(record["id"]), f"tenant={tenant} role={role}")
+    rt.audit.record(CLI, "keys.create", str(record["id"]), f"{role} of {tenant}")
     if json:
         print_json({"key": secret, "record": _public(record)})
     else:
@@ -109,7 +109,7 @@ def revoke(
     """Revoke a key: every server refuses it within a second."""
     rt = _rt(ctx)
     record = rt.key_store.revoke(ref)  # one line and exit 1 for a key nobody has
-    rt.audit.record(CLI, "keys.revoke", str(record["id"]), f"tenant={record.get('tenant')}")
+    rt.audit.record(CLI, "keys.revoke", str(record["id"]), str(record.get("name") or ""))
     if json:
         print_json({"revoked": _public(record)})
     else:
