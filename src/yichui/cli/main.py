@@ -91,12 +91,22 @@ def _usage_error(exc: typer.TyperException) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def _on_terminal() -> bool:
+    """``yichui`` alone opens the menu on a terminal; off one (a pipe, a script) the help."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; map every error to one line on stderr and a non-zero exit code."""
     debug = os.environ.get("YICHUI_DEBUG", "") not in ("", "0", "false")
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="yichui", standalone_mode=False)
+        if not (sys.argv[1:] if argv is None else argv) and _on_terminal():
+            from yichui.cli.menu import run_menu  # questionary is imported by the menu only
+
+            code = run_menu(load_settings())
+        else:
+            code = command.main(args=argv, prog_name="yichui", standalone_mode=False)
     except YichuiError as exc:
         if debug:
             raise
