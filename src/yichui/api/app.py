@@ -20,9 +20,11 @@ from yichui import __version__
 from yichui.api.deps import services_of
 from yichui.api.errors import install_handlers
 from yichui.api.fastpath import HitFastPath, send_json
+from yichui.api.manage import router as manage_router
 from yichui.api.metrics import RequestTiming
 from yichui.api.metrics import router as metrics_router
 from yichui.api.openai.router import router as openai_router
+from yichui.api.ui import router as ui_router
 from yichui.config import Settings, load_settings
 from yichui.errors import error_body
 from yichui.runtime import Runtime
@@ -90,13 +92,15 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app = FastAPI(
         title="yichui",
         version=__version__,
-        summary="OpenAI-compatible inference with a Redis response cache",
+        summary="OpenAI-compatible inference with a Redis response cache, and the management API",
         lifespan=lifespan,
     )
     app.state.services = services  # read by api/deps.py only
     install_handlers(app)
     app.include_router(openai_router)
     app.include_router(metrics_router)
+    app.include_router(manage_router)
+    app.include_router(ui_router)  # the dashboard: /ui
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:

@@ -39,7 +39,7 @@ async def authenticate(request: Request, services: ServingServices) -> Principal
         return auth.require(header)
     changes = request.method not in _SAFE
     if changes:
-        _same_site(request)
+        same_site(request)
     session_id = request.cookies.get(SESSION_COOKIE)
     if session_id:
         try:
@@ -63,7 +63,7 @@ async def authenticate(request: Request, services: ServingServices) -> Principal
     raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
 
 
-def _same_site(request: Request) -> None:
+def same_site(request: Request) -> None:
     """403 for a browser request another site made (a form post, a fetch from its page)."""
     if request.headers.get("sec-fetch-site", "") == "cross-site":
         raise PermissionDeniedError("cross-site requests are refused")

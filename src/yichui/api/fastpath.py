@@ -69,7 +69,7 @@ class HitFastPath:
         tenant = principal.tenant
         digest = _digest(scope["path"], tenant, headers, body)
         endpoint = ENDPOINTS[scope["path"]]
-        if await self._answer(digest, headers, send, endpoint):
+        if await self._answer(digest, headers, send, endpoint, tenant):
             self.services.metrics.request_took(
                 endpoint, "hit", "200", time.perf_counter() - started
             )
@@ -77,13 +77,13 @@ class HitFastPath:
         await self.app(scope, _replay(replay, receive), self._remembering(digest, send))
 
     async def _answer(
-        self, digest: str, headers: dict[bytes, str], send: Send, endpoint: str
+        self, digest: str, headers: dict[bytes, str], send: Send, endpoint: str, tenant: str
     ) -> bool:
         try:
             max_age = CachePolicy.from_headers(headers.get(b"cache-control"), None).max_age
         except RequestError:
             return False  # the normal path answers the error
-        hit = self.services.inference.fast_hit(digest, max_age, endpoint)
+        hit = self.services.inference.fast_hit(digest, max_age, endpoint, tenant)
         if hit is None:
             return False
         key, body = hit

@@ -85,6 +85,13 @@ class CachePolicy:
         return cls(refresh, store, max_age, sampled)
 
 
+def tenant_counter(tenant: str, status: str) -> str:
+    """The field of the fleet totals (``response_stats``) counting ``tenant``'s answers of one
+    cache status: ``tenant:<tenant>:<status>`` (``yichui cache stats`` and ``/api/cache/stats``
+    show a user its own tenant's)."""
+    return f"tenant:{tenant}:{status}"
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """The service's answer: ``body`` (rendered: a hit, a coalesced or a computed answer), or
@@ -155,6 +162,19 @@ class InferenceService:
     ) -> Answer:
         """Answer ``request`` for ``tenant`` (see the module docstring); ``endpoint`` (``chat``,
         ``completions``) labels its metrics."""
+        answer = await self._answer(request, tenant, policy, stream, render, endpoint)
+        self.metrics.fleet[tenant_counter(tenant, answer.status)] += 1
+        return answer
+
+    async def _answer(
+        self,
+        request: EngineRequest,
+        tenant: str,
+        policy: CachePolicy,
+        stream: bool,
+        render: Render,
+        endpoint: str,
+    ) -> Answer:
         bound = await self.router.resolve(request.model)
         if any(m.images() for m in request.messages) and not bound.card.accepts_images:
             raise ImagesNotAcceptedError(request.model)
@@ -189,7 +209,11 @@ class InferenceService:
             self._memo.popitem(last=False)
 
     def fast_hit(
-        self, request_digest: str, max_age: float | None, endpoint: str = OTHER
+        self,
+        request_digest: str,
+        max_age: float | None,
+        endpoint: str = OTHER,
+        tenant: str = "local",
     ) -> tuple[str, bytes] | None:
         """A byte-identical request seen before whose answer this process holds in memory."""
         key = self._memo.get(request_digest)
@@ -200,6 +224,7 @@ class InferenceService:
             return None
         model, body = held
         self.cache.near_hit(endpoint, model, fast=True)
+        self.metrics.fleet[tenant_counter(tenant, CacheStatus.HIT)] += 1
         return key, body
 
     def model_changed(self, model: str | None) -> None:

@@ -12,7 +12,7 @@ of hanging it. The embedded Redis is never started by a scrape.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from yichui.errors import StateError
 from yichui.metrics import REDIS_INFO, ClusterSnapshot
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("yichui.metrics")
 
 _FAULTS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, StateError, OSError, TimeoutError)
+
+
+HEALTH_SUMS = (
+    "used_memory",
+    "used_memory_peak",
+    "maxmemory",
+    "instantaneous_ops_per_sec",
+    "connected_clients",
+)
+"""The ``INFO`` figures :meth:`ClusterProbe.health` reports (summed over a cluster's primaries)."""
 
 
 class ClusterProbe:
@@ -70,6 +80,43 @@ class ClusterProbe:
             if name == "state" and info is not None and client is not None:
                 self._tasks(snap, client[0])
         return snap
+
+    def health(self) -> dict[str, Any]:
+        """The state instance now, for ``/api/redis`` and the dashboard: ``reachable``, its
+        URL (no password), the error when it did not answer, and its main ``INFO`` figures."""
+        url = self._state_url()
+        out: dict[str, Any] = {"reachable": False, "url": None, "error": None, "info": {}}
+        if url is None:
+            out["error"] = "the embedded Redis is not running"
+            return out
+        client = self._client("state", url)
+        if client is None:
+            out["error"] = "no client could be built"
+            return out
+        out["url"] = client[1].display
+        try:
+            raw: Any = client[0].info()
+        except _FAULTS as exc:
+            out["error"] = str(exc) or type(exc).__name__
+            return out
+        if client[1].kind == "cluster" and raw and all(isinstance(v, dict) for v in raw.values()):
+            nodes = list(raw.values())
+            first: dict[str, Any] = nodes[0]
+            summed = info_figures(client[0], client[1], HEALTH_SUMS)
+        else:
+            first, summed = raw, {k: raw.get(k) for k in HEALTH_SUMS}
+        out["reachable"] = True
+        out["info"] = {
+            "used_memory": summed.get("used_memory"),
+            "used_memory_peak": summed.get("used_memory_peak"),
+            "maxmemory": summed.get("maxmemory"),
+            "maxmemory_policy": first.get("maxmemory_policy"),
+            "ops_per_sec": summed.get("instantaneous_ops_per_sec"),
+            "connected_clients": summed.get("connected_clients"),
+            "redis_version": first.get("redis_version"),
+            "uptime_seconds": first.get("uptime_in_seconds"),
+        }
+        return out
 
     def close(self) -> None:
         for client, _ in self._clients.values():

@@ -28,6 +28,7 @@ from yichui.errors import RedisUnavailableError, StateError
 from yichui.inference.cache import ResponseCache
 from yichui.inference.router import ModelRouter
 from yichui.inference.service import InferenceService
+from yichui.runtime.feed import EventFeed
 from yichui.runtime.fleet import FleetHeartbeat
 from yichui.state.connection import (
     REDIS_ERRORS,
@@ -62,6 +63,7 @@ class ServingServices:
         self._watcher: asyncio.Task[None] | None = None
         self._keys_task: asyncio.Task[None] | None = None
         self._sessions: SessionStore | None = None
+        self._feed: EventFeed | None = None
         self._fleet: FleetHeartbeat | None = None
         self.auth: Authenticator = rt.authenticator()
         """Checks every request's key without a Redis call (its table kept fresh here)."""
@@ -78,6 +80,11 @@ class ServingServices:
     @property
     def sessions(self) -> SessionStore:
         return _started(self._sessions)
+
+    @property
+    def feed(self) -> EventFeed:
+        """Task, model and Redis events for the dashboard's streams (one subscription)."""
+        return _started(self._feed)
 
     @property
     def cache(self) -> ResponseCache:
@@ -102,6 +109,7 @@ class ServingServices:
         self._state = make_async_client(parse_redis_url(state_url), s)
         self._cache_client = make_async_client(parse_redis_url(cache_url), s)
         self._sessions = SessionStore(self._state, rt.keys, s.session_ttl)
+        self._feed = EventFeed(self._state, rt.keys, buffer=s.sse_buffer)
         if not self.auth.local:  # the keys, before the first request is let in
             try:
                 await asyncio.wait_for(
@@ -146,6 +154,8 @@ class ServingServices:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._feed is not None:
+            await self._feed.close()
         if self._inference is not None:
             await self._inference.close()
         if self._cache is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import AsyncRedis
@@ -117,9 +118,43 @@ class ResponseStore:
                 pipe.hincrby(self.keys.response_stats(), name, n)
             await pipe.execute()
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self, tenant: str | None = None) -> dict[str, int]:
+        """The fleet's counters; with ``tenant``, that tenant's answers by cache status
+        (``hit``, ``miss``, ``coalesced``, ``bypass``) instead."""
         raw = await self.client.hgetall(self.keys.response_stats())
-        return {k.decode(): int(v) for k, v in raw.items()}
+        if tenant is None:
+            return {k.decode(): int(v) for k, v in raw.items() if b":" not in k}
+        prefix = f"tenant:{tenant}:".encode()
+        return {k[len(prefix) :].decode(): int(v) for k, v in raw.items() if k.startswith(prefix)}
+
+    async def by_model(self, *, batch: int = 500, cap: int = 100_000) -> list[dict[str, Any]]:
+        """Entries and bytes by model, from a SCAN of at most ``cap`` keys (never KEYS)."""
+        sizes: dict[str, list[int]] = {}
+        prefix = len(self.keys.response("", "x").split("response:", 1)[0] + "response:")
+        chunk: list[bytes] = []
+
+        async def measure() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key in chunk:
+                pipe.strlen(key)
+            for key, n in zip(chunk, await pipe.execute(), strict=True):
+                model = unquote(key.decode()[prefix:].rsplit(":{", 1)[0])
+                row = sizes.setdefault(model, [0, 0])
+                row[0] += 1
+                row[1] += int(n)
+            chunk.clear()
+
+        seen = 0
+        async for key in self.client.scan_iter(match=self.keys.response_pattern(), count=batch):
+            chunk.append(key)
+            seen += 1
+            if len(chunk) >= batch:
+                await measure()
+            if seen >= cap:
+                break
+        if chunk:
+            await measure()
+        return [{"model": m, "entries": e, "bytes": b} for m, (e, b) in sorted(sizes.items())]
 
     async def clear(self, model: str | None = None, *, batch: int = 500) -> int:
         """Delete every entry (of one model) with SCAN, never KEYS -> entries deleted."""

@@ -32,7 +32,7 @@ local function set_state(new, extra)
   if old and index[old] then redis.call('ZREM', index[old], id) end
   redis.call('ZADD', index[new], now, id)
   redis.call('HSET', status, 'state', new, 'updated', now)
-  local ev = {id = id, state = new, type = redis.call('HGET', status, 'type'),
+  local ev = {event = 'state', id = id, state = new, type = redis.call('HGET', status, 'type'),
               attempt = tonumber(redis.call('HGET', status, 'attempt') or '0'), ts = now / 1000,
               tenant = redis.call('HGET', status, 'tenant') or nil}
   if extra then for k, v in pairs(extra) do ev[k] = v end end
@@ -141,6 +141,11 @@ for i = 8, #ARGV do emit('log', ARGV[i]) end
 if ARGV[6] ~= '' then
   redis.call('HSET', status, 'progress', ARGV[6], 'updated', now)
   emit('progress', ARGV[6])
+  -- watchers (the dashboard's feed) hear of progress too, at most every progress_interval
+  redis.call('PUBLISH', channel, '{"event":"progress","id":' .. cjson.encode(id) ..
+             ',"type":' .. cjson.encode(redis.call('HGET', status, 'type') or '') ..
+             ',"tenant":' .. cjson.encode(redis.call('HGET', status, 'tenant') or 'local') ..
+             ',"progress":' .. ARGV[6] .. '}')
 end
 if ARGV[7] ~= '' then redis.call('HSET', status, 'checkpoint', ARGV[7]) end
 if redis.call('HEXISTS', status, 'cancel') == 1 then return 2 end

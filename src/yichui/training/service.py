@@ -27,6 +27,7 @@ from yichui.errors import ModelNotFoundError, StateError, TrainingError
 from yichui.models.names import validate_name
 from yichui.models.status import read_manifest
 from yichui.models.targets import ADAPTER_KIND, resolve_target
+from yichui.tasks.service import LOCAL_TENANT
 from yichui.training.dataset import DatasetInfo, inspect_dataset, snapshot
 from yichui.training.runs import datasets_root, evals_root, new_run_dir, read_json, write_json
 
@@ -91,6 +92,7 @@ class TrainingService:
         replace: bool = False,
         queue: str | None = None,
         task_id: str | None = None,
+        tenant: str = LOCAL_TENANT,
         **params: Any,
     ) -> dict[str, Any]:
         """Check and queue a ``train`` task -> its status, with ``run_dir`` and ``output``."""
@@ -121,7 +123,7 @@ class TrainingService:
         # every argument, defaults included: what the run was asked to do
         write_json(run_dir / "args.json", task_type.parse(args).model_dump(mode="json"))
         try:
-            status = self.tasks.submit("train", args, task_id=task_id, queue=queue)
+            status = self.tasks.submit("train", args, task_id=task_id, queue=queue, tenant=tenant)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -139,6 +141,7 @@ class TrainingService:
         replace: bool = False,
         dtype: str = "auto",
         queue: str | None = None,
+        tenant: str = LOCAL_TENANT,
     ) -> dict[str, Any]:
         """Check and queue a ``merge`` task -> its status, with ``output``."""
         a = self.registry.status(validate_name(adapter)).status
@@ -156,7 +159,7 @@ class TrainingService:
         out = validate_name(output) if output else f"{adapter}-merged"
         self._check_free(out, replace)
         args = {"adapter": adapter, "base": base, "output": out, "replace": replace, "dtype": dtype}
-        status = self.tasks.submit("merge", args, queue=queue)
+        status = self.tasks.submit("merge", args, queue=queue, tenant=tenant)
         status["output"] = out
         return status
 
@@ -168,6 +171,7 @@ class TrainingService:
         *,
         queue: str | None = None,
         refresh: bool = False,
+        tenant: str = LOCAL_TENANT,
         **params: Any,
     ) -> EvalSubmission:
         """The report from the cache when this evaluation ran before; else queue it."""
@@ -189,7 +193,7 @@ class TrainingService:
                 return EvalSubmission(key, True, report=report, source=source)
         snap = snapshot(info, datasets_root(self.settings.data_dir))
         args = {**probe, "dataset": _dataset_ref(info, str(snap)), "key": key}
-        task = self.tasks.submit("evaluate", args, queue=queue)
+        task = self.tasks.submit("evaluate", args, queue=queue, tenant=tenant)
         return EvalSubmission(key, False, task=task)
 
     def eval_store(self) -> EvalResultStore | None:

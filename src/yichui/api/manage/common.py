@@ -1,0 +1,54 @@
+"""What every management route shares: the runtime, pages, the audit log, tenant checks."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Query, Request
+
+from yichui.access import Principal
+from yichui.api.deps import services_of
+from yichui.errors import PermissionDeniedError, TaskNotFoundError
+from yichui.runtime import Runtime
+
+T = TypeVar("T")
+
+MAX_PAGE = 500
+
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")]
+Offset = Annotated[int, Query(ge=0, le=1_000_000, description="Items to skip.")]
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The composition root of this API process (its sync services: registry, tasks, …)."""
+    return services_of(request).rt
+
+
+def page(items: list[Any], limit: int, offset: int, *, total: int | None = None) -> dict[str, Any]:
+    """``{"data", "total", "limit", "offset"}`` of ``items`` (already cut when ``total`` is
+    given, else cut here)."""
+    if total is None:
+        total = len(items)
+        items = items[offset : offset + limit]
+    return {"data": items, "total": total, "limit": limit, "offset": offset}
+
+
+def audit(
+    rt: Runtime, principal: Principal, action: str, target: str, detail: str | None = None
+) -> None:
+    """Write an admin action to the audit log (``/api/audit``)."""
+    rt.audit.record(principal, action, target, detail)
+
+
+def owned_task(rt: Runtime, principal: Principal, task_id: str) -> dict[str, Any]:
+    """The task, if ``principal`` may see it: another tenant's task is a 404 for a user (its
+    existence is not theirs to know)."""
+    task = rt.tasks.get(task_id)
+    if not principal.may_see(task.get("tenant")):
+        raise TaskNotFoundError(task_id)
+    return task
+
+
+def admin_or_own(principal: Principal, tenant: str | None, action: str) -> None:
+    if not principal.may_see(tenant):
+        raise PermissionDeniedError(f"{action} of another tenant's task needs an admin key")
