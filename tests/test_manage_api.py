@@ -166,9 +166,8 @@ def test_models_datasets_and_training_validation(api: httpx.Client, server: Serv
     r = api.post("/api/datasets", params={"filename": "bad.jsonl"}, content=bad)
     assert "line 2" in error_of(r, 400)["message"]
     big = b'{"prompt": "a", "completion": "b"}\n' * 200
-    assert "limit" in error_of(
-        api.post("/api/datasets", params={"filename": "big.jsonl"}, content=big), 400
-    )["message"]
+    r = api.post("/api/datasets", params={"filename": "big.jsonl"}, content=big)
+    assert "limit" in error_of(r, 400)["message"]
     error_of(api.post("/api/datasets", params={"filename": "x.txt"}, content=b"{}"), 400)
     assert not uploads.exists() or not list(uploads.iterdir())  # nothing stored
     good = b'{"prompt": "<script>x</script>", "completion": "b"}\n'
