@@ -169,7 +169,7 @@ def test_ps_lists_a_loaded_model_and_drops_a_killed_server(redis_url: str, tmp_p
         assert model["requests"] >= 1 and model["bytes"] == entry["used"]
         assert model["idle_seconds"] >= 0 and model["last_used"] <= entry["heartbeat"]
 
-        table = _ps(server.env)
+        table = _ps({**server.env, "COLUMNS": "200"})
         assert table.returncode == 0, table.stderr
         assert M in table.stdout and f":{server.port}" in table.stdout
         assert "least recently used" in table.stdout

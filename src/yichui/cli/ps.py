@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -31,10 +32,16 @@ def ps(ctx: typer.Context, json: bool = JsonOpt) -> None:
     if not servers:
         console.print("no server is running (each `yichui serve` shows up here)")
         return
-    table = Table()
+    # no rules between columns, as `ollama ps`: a row fits 80 columns
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("SERVER", "MODEL", "ENGINE", "SIZE", "DEVICE", "REQUESTS", "LAST USED / IDLE"):
         right = col in ("SIZE", "REQUESTS")
-        table.add_column(col, justify="right" if right else "left", no_wrap=col != "MODEL")
+        table.add_column(
+            col,
+            justify="right" if right else "left",
+            no_wrap=col != "MODEL",
+            overflow="fold" if col == "MODEL" else "ellipsis",  # a long name folds, whole
+        )
     for server in servers:
         name = escape(f"{server.get('host', '?')}:{server.get('port', '?')}")
         models: list[dict[str, Any]] = server.get("models") or []
@@ -53,6 +60,11 @@ def ps(ctx: typer.Context, json: bool = JsonOpt) -> None:
     console.print(table)
     for server in servers:
         console.print(_summary(server), highlight=False)
+    console.print(
+        "[dim]a pool evicts its least recently used idle models when a load would pass its "
+        "budget (model_memory_budget)[/dim]",
+        highlight=False,
+    )
 
 
 def _last_used(model: dict[str, Any]) -> str:
@@ -64,18 +76,13 @@ def _last_used(model: dict[str, Any]) -> str:
 
 
 def _summary(server: dict[str, Any]) -> str:
-    """One line per server: its totals, and that its pool evicts by memory."""
+    """One line per server: where, what, since when, its requests and its pool's memory."""
     budget, used = server.get("budget"), server.get("used") or 0
-    pool = (
-        f"pool {human_size(used)} of {human_size(budget)} (least recently used evicted first)"
-        if budget
-        else "no local pool (upstream routes only)"
-    )
+    pool = f"pool {human_size(used)} of {human_size(budget)}" if budget else "no local pool"
     up = _duration(max(0.0, float(server.get("heartbeat", 0)) - float(server.get("started", 0))))
     return escape(
-        f"{server.get('host', '?')}:{server.get('port', '?')}: pid {server.get('pid', '?')}, "
-        f"{server.get('url', '?')}, yichui {server.get('version', '?')}, up {up}, "
-        f"{server.get('requests', 0)} requests, {pool}"
+        f"{server.get('url', '?')}  pid {server.get('pid', '?')} · yichui "
+        f"{server.get('version', '?')} · up {up} · {server.get('requests', 0)} requests · {pool}"
     )
 
 
