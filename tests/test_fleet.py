@@ -144,6 +144,7 @@ def test_ps_lists_a_loaded_model_and_drops_a_killed_server(redis_url: str, tmp_p
     server = ServerProcess(
         tmp_path, redis_url=redis_url, models_root=str(root), server_heartbeat=str(BEAT)
     ).start()
+    store = ServerStore(redis.Redis.from_url(redis_url), Keys())
     try:
         answer = httpx.post(
             f"{server.url}/v1/chat/completions",
@@ -157,7 +158,6 @@ def test_ps_lists_a_loaded_model_and_drops_a_killed_server(redis_url: str, tmp_p
         def mine(servers: list[dict[str, Any]]) -> dict[str, Any] | None:
             return next((s for s in servers if s["pid"] == pid), None)
 
-        store = ServerStore(redis.Redis.from_url(redis_url), Keys())
         # the next heartbeat after the answer carries the model
         _wait(lambda: (s := mine(store.listing(3 * BEAT))) and s["models"], timeout=5)
         entry = mine(_ps_json(server.env))
@@ -179,6 +179,6 @@ def test_ps_lists_a_loaded_model_and_drops_a_killed_server(redis_url: str, tmp_p
         _wait(lambda: mine(store.listing(3 * BEAT)) is None, timeout=3 * BEAT + 3)
         assert not any(f":{pid}:".encode() in f for f in store.client.hkeys("servers"))
         assert mine(_ps_json(server.env)) is None
-        store.client.close()
     finally:
+        store.client.close()
         server.stop()

@@ -12,9 +12,7 @@ from rich.table import Table
 
 from yichui.cli.output import JsonOpt, console, human_size, print_json
 from yichui.runtime import Runtime
-
-STALE_BEATS = 3
-"""A server whose last heartbeat is older than this many ``server_heartbeat`` is gone."""
+from yichui.state.fleet import STALE_BEATS
 
 
 def ps(ctx: typer.Context, json: bool = JsonOpt) -> None:

@@ -22,6 +22,10 @@ from yichui.state.codec import dumps, loads
 from yichui.state.connection import AsyncRedis, SyncRedis, state_errors
 from yichui.state.keys import Keys
 
+STALE_BEATS = 3
+"""A server whose last heartbeat is older than this many ``server_heartbeat`` is gone: readers
+pass ``stale_after=STALE_BEATS * settings.server_heartbeat``."""
+
 # HDEL each field only while it still holds the value the reader judged stale.
 _PRUNE = """
 local n = 0
