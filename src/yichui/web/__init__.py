@@ -1,0 +1,1 @@
+"""The web dashboard's assets (``static/``), served at ``/ui`` by ``yichui.api.ui``."""
