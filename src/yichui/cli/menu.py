@@ -184,15 +184,24 @@ class Menu:
 
     # -- picking models ---------------------------------------------------------------------
 
-    def _installed(self, *, adapters: bool | None) -> list[str]:
-        """Installed models: bases only (False), adapters only (True), or all (None)."""
+    def _installed(self, *, adapters: bool) -> list[str]:
+        """Installed models: the adapters, or every other model."""
         from yichui.models.targets import ADAPTER_KIND
 
-        names = []
-        for m in self.rt.registry.listing().models:
-            if adapters is None or (m.get("kind") == ADAPTER_KIND) == adapters:
-                names.append(m["name"])
-        return names
+        models = self.rt.registry.listing().models
+        return [m["name"] for m in models if (m.get("kind") == ADAPTER_KIND) == adapters]
+
+    def _targets(self) -> list[str]:
+        """The models, then each adapter on its base (``base@adapter``, served unmerged)."""
+        from yichui.models.status import read_manifest
+
+        out = self._installed(adapters=False)
+        for adapter in self._installed(adapters=True):
+            st = self.rt.registry.status(adapter).status
+            base = read_manifest(Path(st.path or "")).get("base")
+            if base:
+                out.append(f"{base}@{adapter}")
+        return out
 
     def _pick_model(self, message: str, names: list[str], *, none: str) -> str:
         if not names:
@@ -207,16 +216,19 @@ class Menu:
     def pull(self) -> None:
         """Pick a source, pick or type a model id, fetch it with a progress bar."""
         mirror = self.rt.settings.mirror_dir
-        sources = [
-            self.q.Choice("ModelScope", value="modelscope"),
-            self.q.Choice("Hugging Face", value="huggingface"),
+        sources = [  # fixed keys: the mirror keeps its number when it is not configured
+            self.q.Choice("ModelScope", value="modelscope", shortcut_key="1"),
+            self.q.Choice("Hugging Face", value="huggingface", shortcut_key="2"),
             self.q.Choice(
                 "The local mirror" + (f" ({mirror})" if mirror else ""),
                 value="mirror",
                 disabled=None if mirror else "set YICHUI_MIRROR_DIR",
+                shortcut_key="3",
             ),
-            self.q.Choice("A GGUF file (or a model folder) on this machine", value="gguf"),
-            self.q.Choice("← Back", value=BACK),
+            self.q.Choice(
+                "A GGUF file (or a model folder) on this machine", value="gguf", shortcut_key="4"
+            ),
+            self.q.Choice("← Back", value=BACK, shortcut_key="0"),
         ]
         source = _ask(
             self.q.select(
@@ -312,9 +324,7 @@ class Menu:
         from yichui.cli.menu_chat import chat_session
 
         model = self._pick_model(
-            "Chat with which model?",
-            self._installed(adapters=False),
-            none="no models yet: pull one first",
+            "Chat with which model?", self._targets(), none="no models yet: pull one first"
         )
         self.current = model
 
@@ -366,10 +376,7 @@ class Menu:
         from yichui.state.task_store import TaskState
         from yichui.training.report import summary_lines
 
-        bases = self._installed(adapters=False)
-        pairs = [(self._adapter_base(a), a) for a in self._installed(adapters=True)]
-        choices = bases + [f"{base}@{a}" for base, a in pairs if base]  # served on its base
-        model = self._pick_model("Evaluate which model?", choices, none="no models yet")
+        model = self._pick_model("Evaluate which model?", self._targets(), none="no models yet")
         dataset = self._dataset("Evaluation set (JSONL):")
         sub = self.rt.training.evaluate(model, dataset)
         if sub.cached:
@@ -385,12 +392,6 @@ class Menu:
         for line in summary_lines(report):
             console.print(line, highlight=False, markup=False)
         console.print(f"[dim]({note})[/dim]")
-
-    def _adapter_base(self, adapter: str) -> str:
-        from yichui.models.status import read_manifest
-
-        st = self.rt.registry.status(adapter).status
-        return str(read_manifest(Path(st.path or "")).get("base") or "")
 
     def tasks(self) -> None:
         from yichui.cli.tasks import _progress_text
