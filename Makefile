@@ -82,3 +82,19 @@ promtool:
 	  { apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
 	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }; } || \
 	  echo 'make test needs promtool: apt-get install prometheus (Debian)'
+
+# chromium (Debian's package) for the browser tests of tests/test_dashboard.py (Playwright drives
+# it by executable_path; its own browser download fails here): installed when missing and make
+# runs as root (CI), else a one-line hint (the tests then fail with the same hint)
+.PHONY: chromium
+pytest quick: chromium
+chromium:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
+	  echo 'make test needs /usr/bin/chromium for the browser tests: apt-get install chromium (Debian)'
+
+# the screenshots of docs/dashboard.md and the README, taken by the browser tests
+.PHONY: screenshots
+screenshots: chromium install-dev        ## docs/img/dashboard-*.png from tests/test_dashboard.py
+	$(BIN)/python tools/screenshots.py docs/img

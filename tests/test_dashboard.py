@@ -253,29 +253,6 @@ def test_a_selftest_task_started_from_the_page_runs_live_through_a_reload(
     console.check()
 
 
-def test_the_overview_shows_redis_workers_running_tasks_and_the_hit_rate(
-    page: tuple[Any, Console], server: ServerProcess
-) -> None:
-    tab, console = page
-    task = httpx.post(
-        f"{server.url}/api/tasks",
-        json={"type": "selftest", "args": {"steps": 30, "step_seconds": 0.2}},
-    ).json()
-    tab.goto("/ui#/overview")
-    overview = tab.locator("#page-overview")
-    expect(overview).to_contain_text("reachable")
-    expect(overview).to_contain_text("noeviction")
-    expect(tab.locator("#workers")).to_contain_text("yes")  # a live worker
-    expect(tab.locator("#servers")).to_contain_text(server.url)
-    running = tab.locator(f'#running tr[data-task-id="{task["id"]}"]')
-    expect(running).to_contain_text("running")
-    expect(running.locator("progress")).to_have_attribute("value", re.compile(r"^[1-9]"))
-    expect(tab.locator("#hit-chart canvas")).to_have_count(1)
-    shot(tab, "overview")
-    expect(running).to_have_count(0, timeout=20_000)  # finished: gone by itself
-    console.check()
-
-
 def test_the_playground_marks_a_repeated_question_as_a_cache_hit(
     page: tuple[Any, Console],
 ) -> None:
@@ -293,6 +270,33 @@ def test_the_playground_marks_a_repeated_question_as_a_cache_hit(
     first, second = (answers.nth(i).locator(".bubble-text").inner_text() for i in (0, 1))
     assert first and first == second
     shot(tab, "playground")
+    console.check()
+
+
+def test_the_overview_shows_redis_workers_running_tasks_and_the_hit_rate(
+    page: tuple[Any, Console], server: ServerProcess
+) -> None:
+    tab, console = page
+    task = httpx.post(
+        f"{server.url}/api/tasks",
+        json={"type": "selftest", "args": {"steps": 100, "step_seconds": 0.2}},
+    ).json()
+    tab.goto("/ui#/overview")
+    overview = tab.locator("#page-overview")
+    expect(overview).to_contain_text("reachable")
+    expect(overview).to_contain_text("noeviction")
+    expect(tab.locator("#workers")).to_contain_text("yes")  # a live worker
+    expect(tab.locator("#servers")).to_contain_text(server.url)
+    running = tab.locator(f'#running tr[data-task-id="{task["id"]}"]')
+    expect(running).to_contain_text("running")
+    expect(running.locator("progress")).to_have_attribute("value", re.compile(r"^[1-9]"))
+    expect(tab.locator("#hit-chart canvas")).to_have_count(1)
+    expect(overview).to_contain_text("50.0 %")  # the playground's miss, then its hit
+    if SHOTS:
+        tab.wait_for_timeout(3500)  # a second sample of the hit rate: a line on the chart
+    shot(tab, "overview")
+    httpx.post(f"{server.url}/api/tasks/{task['id']}/cancel").raise_for_status()
+    expect(running).to_have_count(0, timeout=15_000)  # cancelled: gone by itself
     console.check()
 
 

@@ -9,7 +9,8 @@ import { STATES, liveProgress, taskTable } from "./tasks.js";
 const samples = { t: [], overall: [], recent: [] };
 let last = null;
 let sampler = null;
-const MAX = 720; // an hour at 5 s
+let onSample = () => {};
+const MAX = 1200; // an hour at 3 s
 
 function sample(stats) {
   const now = Date.now() / 1000;
@@ -24,13 +25,14 @@ function sample(stats) {
   samples.overall.push(stats.hit_rate ?? null);
   samples.recent.push(recent);
   for (const k of Object.keys(samples)) if (samples[k].length > MAX) samples[k].shift();
+  onSample();
 }
 
 export function startSampling() {
   if (sampler) return;
   const tick = () => get("/api/cache/stats", undefined, { quiet: true }).then(sample).catch(() => {});
   tick();
-  sampler = setInterval(tick, 5000);
+  sampler = setInterval(tick, 3000);
 }
 
 function redisCard(r) {
@@ -64,8 +66,8 @@ export async function render(root) {
   root.append(grid, rest);
   const drawChart = () => {
     if (!chart && window.uPlot) {
-      chart = lineChart(chartBox, { series: [{ label: "hit rate (all time)", stroke: "#3b82f6" },
-        { label: "hit rate (last 5 s)", stroke: "#f59e0b" }], yRange: [0, 1], yLabel: "hit rate" });
+      chart = lineChart(chartBox, { xLabel: "time", series: [{ label: "hit rate (all time)", stroke: "#3b82f6" },
+        { label: "hit rate (last 3 s)", stroke: "#f59e0b" }], yRange: [0, 1], yLabel: "hit rate" });
     }
     chart?.set([samples.t, samples.overall, samples.recent]);
   };
@@ -98,11 +100,12 @@ export async function render(root) {
       ], servers, { empty: "No servers heartbeating." }))) : null);
   };
   await refresh();
+  onSample = drawChart;
   const again = live.throttle(() => refresh().catch(() => {}), 1000);
   const unsubscribe = live.subscribe((type, data) => {
     if (type === "task" && data?.progress && !data.state && liveProgress(rest, data)) return;
     if (type !== "ping") again();
   });
-  const timer = setInterval(() => { drawChart(); again(); }, 5000);
-  return () => { unsubscribe(); clearInterval(timer); chart?.destroy(); };
+  const timer = setInterval(again, 5000);
+  return () => { onSample = () => {}; unsubscribe(); clearInterval(timer); chart?.destroy(); };
 }
