@@ -45,12 +45,18 @@ def test_no_input_causes_a_server_error(fuzz_server: ServerProcess) -> None:
         "POST /v1/completions",
         "GET /v1/models",
     }
+    # streams never end by themselves: a client reading one waits for events, not an answer
+    streams = {"GET /api/events", "GET /api/tasks/{task_id}/logs/stream"}
+    operations = [op for op in operations if op.label not in streams]
+    assert any(op.label == "POST /api/tasks" for op in operations)
     calls: Counter[int] = Counter()
     for operation, mode in itertools.product(operations, list(GenerationMode)):
+        # the OpenAI routes take the most varied input; the management routes' is plainer
+        examples = 60 if operation.label.startswith(("POST /v1", "GET /v1")) else 12
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(
-            max_examples=60,
+            max_examples=examples,
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),

@@ -342,6 +342,12 @@ class AuditLog:
     @state_errors
     def entries(self, *, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` entries (older than the entry id ``before``), newest first."""
+        if before is not None:
+            ms, _, seq = before.partition("-")
+            if not (ms.isdigit() and seq.isdigit() and max(int(ms), int(seq)) < 2**64):
+                raise RequestError(f"invalid entry id {before!r}: use <ms>-<seq>", param="before")
+            if int(ms) == int(seq) == 0:
+                return []  # nothing is older than the first possible id
         top = f"({before}" if before else "+"
         rows: Any = self.client.xrevrange(self.keys.audit_log(), max=top, min="-", count=limit)
         out = []

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from yichui.errors import MissingExtraError, SourceNotFoundError, YichuiError
+from yichui.errors import MissingExtraError, RequestError, SourceNotFoundError
 from yichui.models.install import InstallResult, install_model
 from yichui.models.registry import ModelRegistry
 from yichui.models.status import fingerprint, iter_files, read_manifest, sha256_file
@@ -45,14 +45,15 @@ def import_path(
     path = Path(path).expanduser()
     if not path.exists():
         raise SourceNotFoundError(f"{str(path)!r} does not exist", name=name, source="local")
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise YichuiError(
-                f"{str(path)!r} is not a .gguf file or a model folder",
-                hint="import a GGUF file, or a folder with config.json and weights",
-            )
+    if path.is_file() and path.suffix.lower() == ".gguf":
         return import_gguf(registry, path, name, replace=replace)
-    return import_folder(registry, path, name, replace=replace)
+    if path.is_dir() and (path / "config.json").is_file():
+        return import_folder(registry, path, name, replace=replace)
+    raise RequestError(
+        f"{str(path)!r} is not a .gguf file or a model folder (with a config.json)",
+        param="path",
+        hint="import a GGUF file, or a folder with config.json and weights",
+    )
 
 
 def import_gguf(

@@ -102,6 +102,8 @@ def import_model(body: Import, request: Request, principal: AdminDep) -> dict[st
 
     rt = runtime_of(request)
     validate_name(body.name)
+    if "\0" in body.path:
+        raise RequestError("a path cannot hold a NUL character", param="path")
     path = Path(body.path)
     if not path.exists():
         raise RequestError(f"{body.path!r} does not exist on the server", status=404, param="path")

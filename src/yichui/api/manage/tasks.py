@@ -149,7 +149,7 @@ def _entry(entry_id: Any, fields: Any) -> dict[str, Any]:
 def _check_after(after: str | None) -> str:
     if after is None or after == "":
         return "0-0"
-    if not _ENTRY_ID.fullmatch(after):
+    if not _ENTRY_ID.fullmatch(after) or max(int(p) for p in after.split("-")) >= 2**64:
         raise RequestError(f"invalid entry id {after!r}: use <ms>-<seq>", param="after")
     return after
 

@@ -64,13 +64,18 @@ def _datasets(settings: Settings) -> list[dict[str, Any]]:
 
 def _allowed_dataset(settings: Settings, given: str) -> Path:
     """``given`` if it is one of the datasets offered (folder or upload); else 400."""
+    if "\0" in given:
+        raise RequestError("a dataset path cannot hold a NUL character", param="dataset")
     path = Path(given)
     roots = [uploads_root(settings)]
     if settings.datasets_dir is not None:
         roots.append(settings.datasets_dir)
     if not path.is_absolute() and settings.datasets_dir is not None:
         path = settings.datasets_dir / path
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        resolved = path
     for root in roots:
         with contextlib.suppress(ValueError, OSError):
             resolved.relative_to(root.resolve())
