@@ -85,13 +85,14 @@ promtool:
 
 # chromium (Debian's package) for the browser tests of tests/test_dashboard.py (Playwright drives
 # it by executable_path; its own browser download fails here): installed when missing and make
-# runs as root (CI), else a one-line hint (the tests then fail with the same hint)
+# runs as root (CI), else a one-line hint (the tests then fail with the same hint). With its
+# recommended packages (the fonts): the set the tests were checked with
 .PHONY: chromium
 pytest quick: chromium
 chromium:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
-	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
-	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
+	  { apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; } || \
 	  echo 'make test needs /usr/bin/chromium for the browser tests: apt-get install chromium (Debian)'
 
 # the screenshots of docs/dashboard.md and the README, taken by the browser tests
