@@ -269,9 +269,9 @@ def test_revocation_reaches_two_servers_within_a_second(
 ) -> None:
     """Measured from the return of the revoke (the code ``yichui keys revoke`` runs, called
     here so that no process start-up or exit sits between the revoke and the clock). The
-    servers are told by pub/sub (milliseconds) and reload at least once a second anyway; the
-    bound asserted is 1.5 s: the 1 s promise, plus the 50 ms polling and one request's time on
-    a loaded 2-core box."""
+    servers are told by pub/sub (milliseconds) and reload at least once a second anyway. The
+    time taken is that of the first refused request's answer, so the 50 ms polling and the
+    request's own time count against the 1 s promise (measured here: under 0.1 s)."""
     key, record = runtime.key_store.create("team-a", "user")
     for server in pair:
         assert wait_accepted(server, key).status_code == 200
@@ -285,7 +285,7 @@ def test_revocation_reaches_two_servers_within_a_second(
                 refused[i] = time.monotonic() - revoked
         time.sleep(0.05)
     assert sorted(refused) == [0, 1], f"still accepted 5 s after the revoke: {refused}"
-    assert max(refused.values()) < 1.5, refused
+    assert max(refused.values()) < 1.0, refused
     for server in pair:  # and it stays refused
         assert_401(chat(server, key))
 
