@@ -48,7 +48,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def dash_redis(workdir: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(workdir / "redis").start()
+    server = RedisProcess(workdir / "redis", aof=True).start()  # restarted by a test
     yield server
     server.stop()
 
@@ -404,5 +404,38 @@ def test_a_user_key_signs_in_once_and_cannot_press_an_admin_action(
         expect(tab.locator("#whoami")).to_contain_text("team-a")
         expect(tab.locator("#signin")).to_be_hidden()
         console.check(allowed=(401, 403))
+    finally:
+        context.close()
+
+
+def test_redis_briefly_unreachable_is_shown_and_the_page_recovers_by_itself(
+    browser: Any, keys_server: ServerProcess, dash_redis: RedisProcess
+) -> None:
+    """Last of the module: it kills the module's Redis (AOF on, as the embedded one) and starts
+    it again. The
+    signed-in page (keys mode, so its session too lives in Redis) says so, keeps its session
+    (the server's last copy of it), and clears the banner by itself when Redis is back."""
+    context = browser.new_context(base_url=keys_server.url)
+    tab = context.new_page()
+    tab.set_default_timeout(30_000)
+    console = Console(tab)
+    try:
+        tab.goto("/ui#/overview")
+        tab.fill("#signin-key", ADMIN_KEY)
+        tab.click("#signin-form button[type=submit]")
+        expect(tab.locator("#page-overview")).to_contain_text("reachable")
+        banner = tab.locator("#banner")
+        expect(banner).to_be_hidden()
+        dash_redis.kill()
+        try:
+            expect(banner).to_be_visible()
+            expect(banner).to_contain_text("Redis unreachable")
+            expect(tab.locator("#signin")).to_be_hidden()  # not signed out by the outage
+        finally:
+            dash_redis.start()
+        expect(banner).to_be_hidden()  # back, with no reload
+        expect(tab.locator("#page-overview")).to_contain_text("reachable")
+        expect(tab.locator("#whoami")).to_contain_text("ops")
+        console.check(allowed=(401, 503))  # 401: the page's first look, before signing in
     finally:
         context.close()

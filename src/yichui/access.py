@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -288,27 +289,51 @@ class SessionStore:
     """Dashboard sessions (``session:<id>``, TTL ``session_ttl``): the HttpOnly cookie holds
     the id, the page sends the ``csrf`` token back in ``X-CSRF-Token`` on every action."""
 
+    KEPT = 10_000
+    """Sessions one process remembers, for while Redis is unreachable."""
+
     def __init__(self, client: AsyncRedis, keys: Keys, ttl: int) -> None:
         self.client = client
         self.keys = keys
         self.ttl = ttl
+        self._known: OrderedDict[str, tuple[Session, float]] = OrderedDict()
+
+    def _remember(self, session: Session, expires: float) -> None:
+        self._known[session.id] = (session, expires)
+        self._known.move_to_end(session.id)
+        while len(self._known) > self.KEPT:
+            self._known.popitem(last=False)
 
     async def create(self, digest: str | None) -> Session:
         session = Session(secrets.token_urlsafe(32), digest, secrets.token_urlsafe(24))
         value = {"digest": digest, "csrf": session.csrf, "created": time.time()}
         await self.client.set(self.keys.session(session.id), orjson.dumps(value), ex=self.ttl)
+        self._remember(session, time.monotonic() + self.ttl)
         return session
 
     async def get(self, session_id: str) -> Session | None:
+        """The session, from Redis; while Redis is unreachable, the copy this process saw last
+        (a revoked key still ends it: the caller looks the key up). None: no such session.
+        Raises the Redis error when Redis is unreachable and this process never saw it."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{20,64}", session_id):
             return None
-        raw = await self.client.get(self.keys.session(session_id))
+        try:
+            raw = await self.client.get(self.keys.session(session_id))
+        except Exception:
+            known = self._known.get(session_id)
+            if known is not None and known[1] > time.monotonic():
+                return known[0]
+            raise
         if raw is None:
+            self._known.pop(session_id, None)
             return None
         value = orjson.loads(raw)
-        return Session(session_id, value.get("digest"), str(value["csrf"]))
+        session = Session(session_id, value.get("digest"), str(value["csrf"]))
+        self._remember(session, time.monotonic() + self.ttl)
+        return session
 
     async def delete(self, session_id: str) -> None:
+        self._known.pop(session_id, None)
         if re.fullmatch(r"[A-Za-z0-9_-]{20,64}", session_id):
             await self.client.delete(self.keys.session(session_id))
 

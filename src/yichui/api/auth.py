@@ -23,7 +23,7 @@ from fastapi import Depends, Request
 
 from yichui.access import LOCAL, Principal, require_admin
 from yichui.api.deps import services_of
-from yichui.errors import AuthenticationError, PermissionDeniedError
+from yichui.errors import AuthenticationError, PermissionDeniedError, StateError
 from yichui.runtime.serving import ServingServices
 
 SESSION_COOKIE = "yichui_session"
@@ -44,8 +44,10 @@ async def authenticate(request: Request, services: ServingServices) -> Principal
     if session_id:
         try:
             session = await services.sessions.get(session_id)
-        except Exception:  # Redis unreachable: no session can be checked (fail closed)
-            session = None
+        except Exception as exc:  # Redis unreachable, a session never seen here: fail closed
+            raise StateError(
+                "Redis is unreachable: the session cannot be checked; try again shortly"
+            ) from exc
         if session is not None:
             principal = LOCAL if session.digest is None else auth.by_digest(session.digest)
             if principal is not None:
