@@ -81,7 +81,9 @@ class ServerProcess:
     def openai(self, api_key: str = "none", **kwargs: Any) -> Any:
         import openai
 
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
+        self._clients.append(client)  # closed by stop(): no socket left for the gc to find
+        return client
 
     def forget_cached(self, redis_url: str) -> None:
         """Clear every server's near cache (what `yichui cache clear` publishes), for tests

@@ -22,6 +22,7 @@ import redis
 from tests.api_server import ServerProcess
 from tests.fake_upstream import FakeUpstream, fake_upstream
 from tests.redis_proc import RedisProcess, free_port, wait_until
+from tests.test_cli import assert_one_line_error
 from yichui.access import Authenticator, Principal
 from yichui.config import load_settings
 from yichui.runtime import Runtime
@@ -47,14 +48,6 @@ def cli(redis_url: str, data_dir: Path, *args: str, **env: str) -> subprocess.Co
         text=True,
         timeout=60,
     )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines[0].startswith("error:") and text in lines[0], proc.stderr
-    assert len(lines) <= 2 and (len(lines) == 1 or lines[1].startswith("hint:")), proc.stderr
 
 
 def create_key(redis_url: str, data_dir: Path, tenant: str, role: str = "user") -> str:

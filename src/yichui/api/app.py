@@ -97,16 +97,19 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     app.state.services = services  # read by api/deps.py only
     install_handlers(app)
-    app.include_router(openai_router)
-    app.include_router(metrics_router)
-    app.include_router(manage_router)
-    app.include_router(ui_router)  # the dashboard: /ui
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
         """Liveness, and whether the response cache reaches Redis (no auth needed)."""
         # no dependency to solve: the cheapest request there is (bench/cache.py's reference)
         return {"status": "ok", "cache": services_of(request).cache.breaker.state}
+
+    # routes are matched in order, one regex each: the busy ones first, the 40-odd of the
+    # management API and the dashboard after them (a probe of /health must not pay for them)
+    app.include_router(openai_router)
+    app.include_router(metrics_router)
+    app.include_router(manage_router)
+    app.include_router(ui_router)  # the dashboard: /ui
 
     app.add_middleware(RequestTiming, metrics=rt.metrics)  # times what the fast path does not
     app.add_middleware(HitFastPath, services=services)

@@ -60,20 +60,12 @@ def chat(
         ) as resp:
             if resp.status_code != 200:
                 resp.read()
-                try:
-                    message = resp.json()["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    message = resp.text[:200]
-                raise ClientError(f"{resp.status_code}: {message}")
+                raise refused(resp)
             cache = resp.headers.get("x-yichui-cache", "?")
             for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = orjson.loads(line[6:])
-                if "error" in event:
-                    raise ClientError(event["error"].get("message", "the stream failed"))
-                for choice in event.get("choices", []):
-                    sys.stdout.write(choice.get("delta", {}).get("content") or "")
+                text = delta_text(line)
+                if text:
+                    sys.stdout.write(text)
                     sys.stdout.flush()
     except httpx.ConnectError:
         raise ClientError(
@@ -81,3 +73,26 @@ def chat(
         ) from None
     sys.stdout.write("\n")
     err_console.print(f"(cache: {cache})", highlight=False)
+
+
+def refused(resp: httpx.Response) -> ClientError:
+    """The error a server's non-200 answer (read already) carries, as one line."""
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text[:200]
+    return ClientError(f"{resp.status_code}: {message}")
+
+
+def delta_text(line: str) -> str | None:
+    """The text a line of a streamed chat answer adds (choice 0), None for any other line;
+    ClientError for an error event."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    event = orjson.loads(line[6:])
+    if "error" in event:
+        raise ClientError(event["error"].get("message", "the stream failed"))
+    for choice in event.get("choices", []):
+        if choice.get("index", 0) == 0:
+            return str(choice.get("delta", {}).get("content") or "")
+    return None

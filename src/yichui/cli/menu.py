@@ -25,14 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
+from yichui.cli.models import PULL_VERBS, byte_progress
 from yichui.cli.output import console, err_console, human_size
 from yichui.cli.tasks import watch_task
 from yichui.config import Settings
@@ -256,33 +250,15 @@ class Menu:
         from yichui.models.sources.base import PullSpec
 
         source = self.rt.sources.get(source_name)
-        bar = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        handle = bar.add_task(f"pulling {repo}", total=None)
-
-        def progress(done: int, total: int | None) -> None:
-            bar.update(handle, completed=done, total=total)
-
+        bar, progress = byte_progress(console, f"pulling {repo}")
         started = time.monotonic()
         with bar:
             result = pull_model(
                 self.rt.registry, source, repo, PullSpec(repo=repo), progress=progress
             )
         assert result.status is not None
-        verb = {
-            "installed": "pulled",
-            "reused": "reused (pulled by another process)",
-            "present": "already present",
-        }
         console.print(
-            f"[green]{repo}: {verb.get(result.action, result.action)}[/green] — "
+            f"[green]{repo}: {PULL_VERBS.get(result.action, result.action)}[/green] — "
             f"{human_size(result.status.size)}, {result.status.files} files "
             f"({time.monotonic() - started:.1f} s)",
             highlight=False,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
+from yichui.cli.chat import delta_text, refused
 from yichui.cli.output import console
 from yichui.errors import ClientError, YichuiError
 
@@ -142,20 +143,11 @@ def _server_asker(client: httpx.AsyncClient, base: str) -> Asker:
             ) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
-                    try:
-                        message = resp.json()["error"]["message"]
-                    except (ValueError, KeyError, TypeError):
-                        message = resp.text[:200]
-                    raise ClientError(f"{resp.status_code}: {message}")
+                    raise refused(resp)
                 async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = orjson.loads(line[6:])
-                    if "error" in event:
-                        raise ClientError(event["error"].get("message", "the stream failed"))
-                    for choice in event.get("choices", []):
-                        if choice.get("index", 0) == 0:
-                            write(choice.get("delta", {}).get("content") or "")
+                    text = delta_text(line)
+                    if text:
+                        write(text)
                 return str(resp.headers.get("x-yichui-cache", "?"))
         except httpx.HTTPError as exc:
             raise ClientError(f"the server at {base} failed: {exc}") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -124,24 +125,38 @@ def status(
     console.print(table)
 
 
-def _progress_bar(enabled: bool) -> tuple[AbstractContextManager[object], ProgressFn | None]:
-    if not enabled:
-        return nullcontext(), None
+def byte_progress(out: Console, description: str) -> tuple[Progress, ProgressFn]:
+    """A transient byte progress bar (size, speed, time left) on ``out``, and the callback
+    a pull reports to (``with bar: pull_model(..., progress=update)``)."""
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err_console,
+        console=out,
         transient=True,
     )
-    task = bar.add_task("pulling", total=None)
+    task = bar.add_task(description, total=None)
 
     def update(done: int, total: int | None) -> None:
         bar.update(task, completed=done, total=total)
 
     return bar, update
+
+
+PULL_VERBS = {
+    "installed": "pulled",
+    "reused": "reused (pulled by another process)",
+    "present": "already present",
+}
+"""How a pull's ``action`` is told to the user."""
+
+
+def _progress_bar(enabled: bool) -> tuple[AbstractContextManager[object], ProgressFn | None]:
+    if not enabled:
+        return nullcontext(), None
+    return byte_progress(err_console, "pulling")
 
 
 @app.command()
@@ -218,13 +233,8 @@ def pull(
             console.print(f"  {f.path}  {human_size(f.size)}")
         return
     assert result.status is not None
-    verb = {
-        "installed": "pulled",
-        "reused": "reused (pulled by another process)",
-        "present": "already present",
-    }
     console.print(
-        f"{name}: {verb.get(result.action, result.action)} — "
+        f"{name}: {PULL_VERBS.get(result.action, result.action)} — "
         f"{human_size(result.status.size)}, {result.status.files} files"
     )
 
