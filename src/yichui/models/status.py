@@ -64,8 +64,10 @@ LISTING_FIELDS = (
     "revision",
     "modified",
     "path",
+    "fingerprint",
 )
-"""What ``models list`` shows of each model (``models status`` shows everything, path included)."""
+"""What ``models list`` (and ``/api/models``, the dashboard's table) shows of each model
+(``models status`` shows everything)."""
 
 
 @dataclass
