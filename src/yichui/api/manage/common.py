@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import Query, Request
 
 from yichui.access import Principal
 from yichui.api.deps import services_of
-from yichui.errors import PermissionDeniedError, TaskNotFoundError
+from yichui.errors import TaskNotFoundError
 from yichui.runtime import Runtime
-
-T = TypeVar("T")
 
 MAX_PAGE = 500
 
@@ -24,13 +22,14 @@ def runtime_of(request: Request) -> Runtime:
     return services_of(request).rt
 
 
-def page(items: list[Any], limit: int, offset: int, *, total: int | None = None) -> dict[str, Any]:
-    """``{"data", "total", "limit", "offset"}`` of ``items`` (already cut when ``total`` is
-    given, else cut here)."""
-    if total is None:
-        total = len(items)
-        items = items[offset : offset + limit]
-    return {"data": items, "total": total, "limit": limit, "offset": offset}
+def page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
+    """``{"data", "total", "limit", "offset"}``: the page of ``items`` at ``offset``."""
+    return {
+        "data": items[offset : offset + limit],
+        "total": len(items),
+        "limit": limit,
+        "offset": offset,
+    }
 
 
 def audit(
@@ -47,8 +46,3 @@ def owned_task(rt: Runtime, principal: Principal, task_id: str) -> dict[str, Any
     if not principal.may_see(task.get("tenant")):
         raise TaskNotFoundError(task_id)
     return task
-
-
-def admin_or_own(principal: Principal, tenant: str | None, action: str) -> None:
-    if not principal.may_see(tenant):
-        raise PermissionDeniedError(f"{action} of another tenant's task needs an admin key")

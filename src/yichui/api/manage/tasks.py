@@ -20,7 +20,7 @@ from sse_starlette import EventSourceResponse
 from yichui.access import Principal
 from yichui.api.auth import PrincipalDep
 from yichui.api.deps import services_of
-from yichui.api.manage.common import Limit, Offset, audit, owned_task, page, runtime_of
+from yichui.api.manage.common import Limit, Offset, audit, owned_task, runtime_of
 from yichui.errors import RequestError
 from yichui.runtime import Runtime
 from yichui.state.task_store import TERMINAL
@@ -52,11 +52,14 @@ def list_tasks(
             for t in rt.tasks.listing(state, limit=(offset + limit) * 4 + 50, tenant=tenant)
             if t.get("type") == type
         ][offset : offset + limit + 1]
-    out = page(rows[:limit], limit, offset, total=-1)
-    out["total"] = None  # not counted: ``more`` says whether a next page exists
-    out["more"] = len(rows) > limit
-    out["counts"] = rt.tasks.counts() if principal.admin else None
-    return out
+    return {
+        "data": rows[:limit],
+        "total": None,  # not counted: ``more`` says whether a next page exists
+        "limit": limit,
+        "offset": offset,
+        "more": len(rows) > limit,
+        "counts": rt.tasks.counts() if principal.admin else None,
+    }
 
 
 @router.get("/tasks/types")

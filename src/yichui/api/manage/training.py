@@ -9,6 +9,7 @@ a request cannot point a task at any other file of the server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -103,8 +104,6 @@ async def upload_dataset(
 ) -> dict[str, Any]:
     """Upload a JSONL dataset (the raw body). Validated record by record; stored only when
     it is whole and valid; 400 naming the line otherwise."""
-    import asyncio
-
     from yichui.training.dataset import inspect_dataset
 
     settings = runtime_of(request).settings
