@@ -19,9 +19,10 @@ import pytest
 
 from tests.api_server import ServerProcess
 from tests.fake_upstream import FakeUpstream, fake_upstream
+from tests.images import encode, picture, png, with_pixel
 from tests.redis_proc import RedisProcess
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+PNG = png(24, 16, seed=3)
 KEYS = {"key-team-a": "team-a", "key-team-b": "team-b"}
 
 
@@ -184,9 +185,13 @@ def test_same_image_bytes_same_key(
     assert (_status(first), _status(second)) == ("miss", "hit")
     sent = fresh.last.body["messages"][0]["content"][1]["image_url"]["url"]
     assert sent == data_url  # the upstream gets the bytes, never our file path
-    other = PNG + b"\x01"
+    other = encode(with_pixel(picture(24, 16, seed=3)))  # one pixel changed
     third = ask("data:image/png;base64," + base64.b64encode(other).decode())
     assert _status(third) == "miss"
+    webp = encode(picture(24, 16, seed=3), "WEBP")  # the same pixels, another encoding
+    fourth = ask("data:image/webp;base64," + base64.b64encode(webp).decode())
+    assert _status(fourth) == "hit"
+    assert fourth.headers["x-yichui-cache-key"] == first.headers["x-yichui-cache-key"]
 
 
 def test_image_detail_levels(client: openai.OpenAI, fresh: FakeUpstream) -> None:
@@ -216,7 +221,7 @@ def test_image_detail_levels(client: openai.OpenAI, fresh: FakeUpstream) -> None
     omitted = ask()
     assert _status(omitted) == "hit"
     assert omitted.headers["x-yichui-cache-key"] == auto.headers["x-yichui-cache-key"]
-    assert auto.headers["x-yichui-cache-key"].startswith("rc2-")
+    assert auto.headers["x-yichui-cache-key"].startswith("rc3-")
     assert len(fresh.requests) == 3
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.images import encode, image_part, picture, png, with_pixel
 from tests.redis_proc import RedisProcess, free_port
 from yichui.config import Settings, load_settings
 from yichui.errors import CoalescedError
@@ -19,7 +20,6 @@ from yichui.inference.engine import (
     EngineRequest,
     GenerationParams,
     ImageDetail,
-    ImagePart,
     Message,
 )
 from yichui.state.connection import make_async_client, parse_redis_url
@@ -79,27 +79,40 @@ def test_equal_values_give_one_key() -> None:
     assert _key(as_parts) == _key(_request(temperature=0.0))
 
 
-def test_images_enter_by_their_bytes() -> None:
+def test_images_enter_by_their_pixels() -> None:
     def with_image(data: bytes) -> EngineRequest:
-        import hashlib
-
-        part = ImagePart(data, "image/png", hashlib.sha256(data).hexdigest())
+        part = image_part(data)
         return EngineRequest(
             M, "chat", GenerationParams(temperature=0.0), (Message("user", ("describe", part)),)
         )
 
-    assert _key(with_image(b"\x89PNG one")) == _key(with_image(b"\x89PNG one"))
-    assert _key(with_image(b"\x89PNG one")) != _key(with_image(b"\x89PNG two"))
-    doc = key_document(with_image(b"\x89PNG secret bytes"), scope="s", fingerprint="f")
+    one = picture(20, 10, seed=1)
+    assert _key(with_image(encode(one))) == _key(with_image(encode(one)))
+    # the same pixels in another lossless format: one key
+    assert _key(with_image(encode(one))) == _key(with_image(encode(one, "WEBP")))
+    assert _key(with_image(encode(one))) == _key(with_image(encode(one, "BMP")))
+    # one pixel changed, or the same pixels in another mode or size: another key
+    assert _key(with_image(encode(one))) != _key(with_image(encode(with_pixel(one))))
+    assert _key(with_image(encode(one))) != _key(with_image(encode(one.convert("RGBA"))))
+    assert _key(with_image(encode(one))) != _key(with_image(encode(picture(10, 20, seed=1))))
+    doc = key_document(with_image(encode(one)), scope="s", fingerprint="f")
     image = doc["messages"][0]["content"][1]
-    assert set(image) == {"t", "sha256", "media_type", "detail"}  # the digest stands for the bytes
-    assert "secret bytes" not in str(doc)
+    assert set(image) == {"t", "pixels", "mode", "size", "detail"}
+    assert image["pixels"].startswith("px1-") and image["size"] == [20, 10]
+
+
+def test_engine_options_change_the_key() -> None:
+    request = _request(temperature=0.0)
+    plain = cache_key(request, scope="s", fingerprint="f")
+    assert cache_key(request, scope="s", fingerprint="f", options={}) == plain
+    bounded = cache_key(request, scope="s", fingerprint="f", options={"max_pixels": 100})
+    assert bounded != plain
+    assert bounded != cache_key(request, scope="s", fingerprint="f", options={"max_pixels": 200})
 
 
 def test_image_detail_changes_the_key() -> None:
     def with_detail(*detail: ImageDetail) -> EngineRequest:
-        data = b"\x89PNG same bytes"
-        part = ImagePart(data, "image/png", "d" * 64, *detail)
+        part = image_part(png(8, 8), *detail)
         return EngineRequest(
             M, "chat", GenerationParams(temperature=0.0), (Message("user", ("describe", part)),)
         )
@@ -107,9 +120,9 @@ def test_image_detail_changes_the_key() -> None:
     low, high = _key(with_detail("low")), _key(with_detail("high"))
     assert low != high and _key(with_detail("auto")) not in (low, high)
     assert _key(with_detail("auto")) == _key(with_detail())  # omitted is auto
-    assert low.startswith(f"rc{KEY_VERSION}-") and KEY_VERSION == 2  # 1 had no detail
+    assert low.startswith(f"rc{KEY_VERSION}-") and KEY_VERSION == 3  # 2: bytes, 1: no detail
     doc = key_document(with_detail("low"), scope="s", fingerprint="f")
-    assert doc["v"] == 2 and doc["messages"][0]["content"][1]["detail"] == "low"
+    assert doc["v"] == 3 and doc["messages"][0]["content"][1]["detail"] == "low"
 
 
 def test_determinism_policy() -> None:

@@ -13,20 +13,20 @@ import pytest
 from pydantic import SecretStr
 
 from tests.fake_upstream import FakeUpstream, fake_upstream, free_port
+from tests.images import image_part, png
 from yichui.config import UpstreamRoute
 from yichui.errors import ImagesNotAcceptedError, ModelNotFoundError, UpstreamError, YichuiError
 from yichui.inference.engine import (
     EngineChunk,
     EngineRequest,
     GenerationParams,
-    ImagePart,
     Message,
     Usage,
 )
 from yichui.inference.engines.upstream import UpstreamEngine
 
 SECRET = "sk-very-secret-key-123"
-PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
+PNG = png(8, 8)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ async def test_text_parts_sent_as_a_string(engine: UpstreamEngine, upstream: Fak
 
 
 def image_request(model: str) -> EngineRequest:
-    image = ImagePart(PNG, "image/png", hashlib.sha256(PNG).hexdigest())
+    image = image_part(PNG)
     return EngineRequest(
         model=model,
         kind="chat",
@@ -210,7 +210,7 @@ async def test_images_sent_as_data_urls(engine: UpstreamEngine, upstream: FakeUp
 
 
 async def test_image_detail_passed_on(engine: UpstreamEngine, upstream: FakeUpstream) -> None:
-    image = ImagePart(PNG, "image/png", hashlib.sha256(PNG).hexdigest(), "low")
+    image = image_part(PNG, "low")
     request = EngineRequest(
         model="vision",
         kind="chat",

@@ -212,6 +212,24 @@ class Settings(BaseSettings):
     image_file_roots: list[Path] = Field(default_factory=list)
     """Folders from which requests may reference images as local files (``file://`` URLs or
     absolute paths). Empty: local files are refused."""
+    image_max_bytes: int = Field(default=10 * 1024**2, gt=0)
+    """Largest encoded image (after base64 decoding, or a file's size): 400 beyond."""
+    image_max_pixels: int = Field(default=4096 * 4096, gt=0)
+    """Most pixels (width x height) an image may decode to, checked from its header before
+    any pixel is decoded (decompression bombs): 400 beyond."""
+    images_per_request: int = Field(default=8, ge=0)
+    """Most images in one request (0: images refused)."""
+    images_per_message: int = Field(default=4, ge=0)
+    """Most images in one message."""
+    image_animated: Literal["first_frame", "refuse"] = "first_frame"
+    """An animated GIF, WebP or PNG: use its first frame, or refuse it (400)."""
+    vision_max_pixels: int = Field(default=256 * 28 * 28, gt=0)
+    """Most pixels of an image a local vision model looks at: larger images are scaled down
+    (keeping their shape) before its processor, which bounds the visual tokens (Qwen2-VL:
+    one token per 28x28 pixels, so at most 256 by default; Idefics3 / SmolVLM: fewer tiles).
+    Sized for a CPU; raise it on a GPU. Part of the cache key."""
+    vision_min_pixels: int = Field(default=4 * 28 * 28, gt=0)
+    """Fewest pixels a local vision model looks at (Qwen2-VL scales smaller images up)."""
 
     metrics_token: SecretStr | None = None
     """Bearer token that ``GET /metrics`` (serve, and the workers' metrics ports) asks for.

@@ -4,7 +4,9 @@ answered from memory before any parsing or validation.
 Its identity is the SHA-256 of the tenant, the path, the cache headers and the raw body. The
 first time such a request goes the normal way (validation, model resolution, the canonical
 key), and this middleware tells the inference service which cache key its whole JSON answer
-carried (``x-yichui-cache-key``). Afterwards, while the near cache
+carried (``x-yichui-cache-key``), unless the route marked the request as one whose bytes do
+not say everything (:data:`~yichui.api.openai.router.NO_FAST_PATH`: it names a local image
+file, which can change). Afterwards, while the near cache
 holds that key's answer, the same bytes get it straight away with ``x-yichui-cache: hit``. A
 changed model forgets every remembered digest, a store or a clear drops the answer, and
 ``no-cache`` requests never take this path, so it serves nothing the normal path would not.
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from yichui.api.metrics import STARTED
+from yichui.api.openai.router import NO_FAST_PATH
 from yichui.api.openai.serving import CACHE_HEADER, KEY_HEADER
 from yichui.errors import RequestError
 from yichui.inference.service import CachePolicy
@@ -74,7 +77,7 @@ class HitFastPath:
                 endpoint, "hit", "200", time.perf_counter() - started
             )
             return
-        await self.app(scope, _replay(replay, receive), self._remembering(digest, send))
+        await self.app(scope, _replay(replay, receive), self._remembering(scope, digest, send))
 
     async def _answer(
         self, digest: str, headers: dict[bytes, str], send: Send, endpoint: str, tenant: str
@@ -90,12 +93,16 @@ class HitFastPath:
         await send_json(send, 200, body, [(_CACHE, b"hit"), (_KEY, key.encode())])
         return True
 
-    def _remembering(self, digest: str, send: Send) -> Send:
+    def _remembering(self, scope: Scope, digest: str, send: Send) -> Send:
         """``send``, noting which cache key a whole JSON answer to these bytes had."""
         inference = self.services.inference
 
         async def sending(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 200:
+            if (
+                message["type"] == "http.response.start"
+                and message["status"] == 200
+                and not scope.get(NO_FAST_PATH)
+            ):
                 found = dict(message.get("headers", ()))
                 key = found.get(_KEY)
                 if key and found.get(b"content-type") == b"application/json":

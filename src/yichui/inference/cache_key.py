@@ -3,16 +3,20 @@
 The key is the SHA-256 of one canonical JSON document (sorted keys, numbers normalised by
 parameter type, no whitespace) holding everything that changes the output::
 
-    {"v": 2, "scope": <tenant or "shared">, "endpoint": "chat" | "completion",
+    {"v": 3, "scope": <tenant or "shared">, "endpoint": "chat" | "completion",
      "model": <resolved name>, "fingerprint": <weights fingerprint>,
+     "options": {what the engine applies that changes the output: ModelCard.options},
      "params": {every GenerationParams field, defaults filled in},
      "messages": [{"role", "name", "content": [{"t": "text", "text"} | {"t": "image",
-                   "sha256", "media_type", "detail"}]}]   (chat)
+                   "pixels", "mode", "size", "detail"}]}]   (chat)
      "prompt": <text>                           (completion)}
 
-Images enter by the digest of their bytes, so a base64 data URL and a file with the same bytes
-give the same key, and a URL (whose bytes may change) is never identity. An image's ``detail``
-is part of it (``auto`` when omitted): a vision model may answer differently at another level.
+Images enter by the digest of their decoded pixels (:func:`yichui.ml.images.pixel_digest`:
+mode, size and every pixel, EXIF orientation applied), so the same picture sent as a data
+URL, as a file or re-encoded losslessly gives one key, one changed pixel another, and a URL
+(whose bytes may change) is never identity. An image's ``detail`` is part of it (``auto``
+when omitted): a vision model may answer differently at another level. So are the engine's
+``options`` (a local vision model's visual-token bounds, ``vision_max_pixels``).
 Text parts of a message are joined the way the engines join them, so ``"hi"`` and
 ``[{"type": "text", "text": "hi"}]`` are one key. ``stream`` is not part of the key: a
 streamed answer and a whole one are the same answer. Bump :data:`KEY_VERSION` whenever the
@@ -22,6 +26,7 @@ document changes meaning.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -29,8 +34,9 @@ import orjson
 
 from yichui.inference.engine import EngineRequest, GenerationParams, ImagePart, Message
 
-KEY_VERSION = 2
-"""2: an image part carries its ``detail`` (1 had none; its entries are never read again)."""
+KEY_VERSION = 3
+"""3: images by their pixels, and the engine's options (2 keyed images by their bytes, 1 had no
+``detail``; older entries are never read again)."""
 
 _FLOAT_PARAMS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
 _INT_PARAMS = frozenset({"max_tokens", "n", "seed"})
@@ -66,8 +72,9 @@ def _content(message: Message) -> list[dict[str, Any]]:
             parts.append(
                 {
                     "t": "image",
-                    "sha256": part.sha256,
-                    "media_type": part.media_type,
+                    "pixels": part.digest,
+                    "mode": part.mode,
+                    "size": list(part.size),
                     "detail": part.detail,
                 }
             )
@@ -78,7 +85,13 @@ def _content(message: Message) -> list[dict[str, Any]]:
     return parts
 
 
-def key_document(request: EngineRequest, *, scope: str, fingerprint: str) -> dict[str, Any]:
+def key_document(
+    request: EngineRequest,
+    *,
+    scope: str,
+    fingerprint: str,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The document whose hash is the key (kept readable for debugging and the docs)."""
     doc: dict[str, Any] = {
         "v": KEY_VERSION,
@@ -86,6 +99,7 @@ def key_document(request: EngineRequest, *, scope: str, fingerprint: str) -> dic
         "endpoint": request.kind,
         "model": request.model,
         "fingerprint": fingerprint,
+        "options": dict(options or {}),
         "params": canonical_params(request.params),
     }
     if request.kind == "chat":
@@ -97,9 +111,15 @@ def key_document(request: EngineRequest, *, scope: str, fingerprint: str) -> dic
     return doc
 
 
-def cache_key(request: EngineRequest, *, scope: str, fingerprint: str) -> str:
+def cache_key(
+    request: EngineRequest,
+    *,
+    scope: str,
+    fingerprint: str,
+    options: Mapping[str, Any] | None = None,
+) -> str:
     """``rc<version>-<sha256 hex>`` of the canonical key document."""
-    doc = key_document(request, scope=scope, fingerprint=fingerprint)
+    doc = key_document(request, scope=scope, fingerprint=fingerprint, options=options)
     raw = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     return f"rc{KEY_VERSION}-{hashlib.sha256(raw).hexdigest()}"
 

@@ -24,17 +24,30 @@ ImageDetail = Literal["auto", "low", "high"]
 """How closely a vision model should look at an image (OpenAI's ``image_url.detail``)."""
 
 
+ImageSource = Literal["data", "file"]
+"""Where an image came from: a base64 data URL in the request, or a local file (which may
+change under the same request bytes: such requests never take the hit fast path)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ImagePart:
-    """An image content part, as bytes: a data URL decoded, or a local file read.
+    """An image content part, decoded and checked (:func:`yichui.inference.images.decode`).
 
-    ``detail`` is passed on to engines that apply it (upstreams); the others ignore it. It can
-    change the answer, so the response cache keys on it."""
+    ``image`` is the decoded picture (a Pillow image: EXIF orientation applied, the first frame
+    of an animation), what a local vision model is given. ``data`` is what an upstream is sent:
+    the bytes as they came, or a PNG of ``image`` when orienting or taking a frame changed them.
+    ``digest`` stands for the pixels (mode, size and every pixel's bytes): the response cache
+    keys on it, so the same picture sent as a data URL, as a file or re-encoded losslessly is
+    one key. ``detail`` can change the answer, so the cache keys on it too."""
 
     data: bytes
     media_type: str
-    sha256: str
+    digest: str
+    mode: str
+    size: tuple[int, int]
     detail: ImageDetail = "auto"
+    source: ImageSource = "data"
+    image: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +145,9 @@ class ModelCard:
     created: int = 0
     accepts_images: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """What the engine applies beyond the weights that changes the output (a vision model's
+    visual-token bounds, ...): part of the cache key. JSON values only."""
 
 
 class EngineServices(Protocol):

@@ -183,7 +183,8 @@ class InferenceService:
             self.cache.count("bypass", endpoint, bound.card.id)
             return await self._uncached(bound, request, stream, render)
         scope = "shared" if self.shared else f"tenant:{tenant}"
-        key = cache_key(request, scope=scope, fingerprint=bound.card.fingerprint)
+        card = bound.card
+        key = cache_key(request, scope=scope, fingerprint=card.fingerprint, options=card.options)
         reachable = True
         if not policy.refresh:
             flight = self._flights.get(key)

@@ -28,12 +28,11 @@ from typing import Any, Literal
 
 from yichui.errors import MissingExtraError, ModelLoadError
 
-ModelKind = Literal["text"]
-"""What a model folder holds, which picks the transformers class that loads it.
-
-Only causal language models (``text``) for now; multimodal models will add a kind here, loaded
-with ``AutoModelForImageTextToText`` (and a processor beside the tokenizer).
-"""
+ModelKind = Literal["text", "multimodal"]
+"""What a model folder holds, which picks the transformers class that loads it: ``text``
+(``AutoModelForCausalLM``) or ``multimodal`` (``AutoModelForImageTextToText``, or the class its
+``config.json`` names where the auto class does not cover the architecture; a processor is
+loaded beside it with :func:`load_processor`)."""
 
 
 def require_ml(feature: str, *, peft: bool = True) -> None:
@@ -80,6 +79,86 @@ def load_tokenizer(path: Path, name: str, *, adapter: Path | None = None) -> Any
         raise ModelLoadError(name, f"{type(exc).__name__}: {exc}") from exc
 
 
+def load_processor(path: Path, name: str, *, adapter: Path | None = None) -> Any:
+    """The processor (image processor and tokenizer) of the vision-language model at ``path``;
+    an ``adapter`` with its own tokenizer (the chat template it was trained with) wins for the
+    tokenizer.
+
+    Processors that also take videos (Qwen2-VL, SmolVLM) need torchvision for their video part
+    in transformers 5; without it they are loaded without one, for images only
+    (:func:`image_only`)."""
+    from transformers import AutoProcessor
+
+    try:
+        try:
+            processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+        except Exception as first:
+            # a video part that cannot be built (no torchvision, or a folder saved without
+            # one): the same processor for images only, else the first error stands
+            try:
+                cls = _processor_class(path)
+            except ValueError:
+                raise first from None
+            if image_only(cls) is cls:
+                raise
+            processor = image_only(cls).from_pretrained(str(path), local_files_only=True)
+        if adapter is not None and (adapter / "tokenizer_config.json").exists():
+            processor.tokenizer = load_tokenizer(path, name, adapter=adapter)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(name, f"{type(exc).__name__}: {exc}") from exc
+    return processor
+
+
+def image_only(cls: Any) -> Any:
+    """A subclass of the processor class ``cls`` without its video processor (whose
+    transformers class needs torchvision): the same processor for images and text.
+
+    ``ProcessorMixin`` finds a processor's parts in its ``__init__`` signature, so leaving
+    ``video_processor`` out of it is all it takes; the class keeps its name, so what it saves
+    loads with ``AutoProcessor`` where torchvision is installed."""
+    import inspect
+
+    if "video_processor" not in inspect.signature(cls.__init__).parameters:
+        return cls
+
+    def __init__(
+        self: Any,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        cls.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+
+def _processor_class(path: Path) -> Any:
+    """The processor class a model folder names (``processor_config.json``, else
+    ``preprocessor_config.json``), from transformers."""
+    import json
+
+    import transformers
+
+    for file in ("processor_config.json", "preprocessor_config.json"):
+        try:
+            named = json.loads((path / file).read_text()).get("processor_class")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(named, str) and hasattr(transformers, named):
+            return getattr(transformers, named)
+    raise ValueError(f"no processor class named in {path}")
+
+
 def load_model(
     path: Path,
     name: str,
@@ -109,7 +188,7 @@ def load_model(
         # straight onto the GPU: no second copy of the weights in host memory
         kwargs["device_map"] = {"": device}
     try:
-        model: Any = _model_class(kind).from_pretrained(str(path), **kwargs)
+        model: Any = _model_class(kind, path).from_pretrained(str(path), **kwargs)
     except Exception as exc:
         # transformers raises all sorts for a broken or incomplete folder (OSError, ValueError,
         # KeyError, the tokenizers library's bare Exception), torch a RuntimeError when out of
@@ -132,9 +211,20 @@ def apply_adapter(model: Any, adapter: Path, name: str, *, merge: bool) -> Any:
     return wrapped.merge_and_unload() if merge else wrapped
 
 
-def _model_class(kind: ModelKind) -> Any:
-    """The transformers auto class that loads models of ``kind``."""
-    from transformers import AutoModelForCausalLM
+def _model_class(kind: ModelKind, path: Path) -> Any:
+    """The transformers class that loads the model of ``kind`` at ``path``: the auto class, or
+    for a multimodal architecture the auto class does not map, the class its config names."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    classes: dict[str, Any] = {"text": AutoModelForCausalLM}
-    return classes[kind]
+    if kind == "text":
+        return AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    import transformers
+
+    for architecture in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, str(architecture), None)
+        if found is not None:
+            return found
+    return AutoModelForImageTextToText  # its error says what is missing

@@ -3,17 +3,24 @@ the work in the inference service."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from yichui.api.auth import CallerDep, TenantDep
 from yichui.api.deps import RouterDep
-from yichui.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from yichui.api.openai.protocol import ChatCompletionRequest, CompletionRequest, has_images
 from yichui.api.openai.serving import respond
-from yichui.inference.engine import ModelCard
+from yichui.inference.engine import EngineRequest, ModelCard
 from yichui.inference.service import CachePolicy
+from yichui.ml.images import ImageLimits
+
+NO_FAST_PATH = "yichui.no_fast_path"
+"""Set in the ASGI scope by a route whose answer must not be remembered for the hit fast path
+(``api/fastpath.py``): a request naming a local image file (the file can change under the
+same request bytes)."""
 
 router = APIRouter(prefix="/v1")
 
@@ -29,14 +36,24 @@ def _model(card: ModelCard) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionRequest,
     caller: CallerDep,
+    request: Request,
     cache_control: CacheControl = None,
     cache_policy: CachePolicyHeader = None,
 ) -> Response:
     """Chat completions, streamed or not, through the response cache."""
     services = caller.services
+    settings = services.settings
+    engine_request: EngineRequest
+    if has_images(body):  # decoding takes milliseconds: not on the event loop
+        limits = ImageLimits.from_settings(settings)
+        engine_request = await asyncio.to_thread(body.to_engine, settings.image_file_roots, limits)
+        if any(p.source == "file" for m in engine_request.messages for p in m.images()):
+            request.scope[NO_FAST_PATH] = True
+    else:
+        engine_request = body.to_engine(settings.image_file_roots)
     return await respond(
         services.inference,
-        body.to_engine(services.settings.image_file_roots),
+        engine_request,
         tenant=caller.tenant,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
