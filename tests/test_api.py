@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import threading
 import time
@@ -16,10 +17,21 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from tests.api_server import ServerProcess
 from tests.fake_upstream import FakeUpstream, fake_upstream
-from tests.images import encode, picture, png, with_pixel
+from tests.images import (
+    animated_gif,
+    bomb,
+    data_url,
+    encode,
+    picture,
+    png,
+    rotated_jpeg,
+    truncated,
+    with_pixel,
+)
 from tests.redis_proc import RedisProcess
 
 PNG = png(24, 16, seed=3)
@@ -465,6 +477,73 @@ def test_bad_input(
     assert where.lower() in (error["message"] + str(error.get("param"))).lower()
     assert set(error) == {"message", "type", "param", "code"}
     assert fresh.requests == []  # nothing reached the engine
+
+
+def _image(data: bytes, media_type: str = "image/png") -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_url(data, media_type)}}
+
+
+@pytest.mark.parametrize(
+    ("content", "param", "says"),
+    [
+        ([_image(bomb())], "messages.0.content.0.image_url", "12000x12000 pixels"),
+        (
+            [{"type": "text", "text": "look"}, _image(truncated(png(64, 64)))],
+            "messages.0.content.1.image_url",
+            "truncated",
+        ),
+        ([_image(encode(picture(8, 8), "TIFF"), "image/tiff")], None, "accepted format"),
+        ([_image(b"GIF89a not really")], None, "accepted format"),
+        ([_image(png(8, 8, seed=i)) for i in range(5)], "messages.0.content.4.image_url", "4"),
+        (
+            [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/cat.png"}}],
+            "messages.0.content.0.image_url",
+            "not fetched",
+        ),
+    ],
+)
+def test_bad_images_refused(
+    server: ServerProcess,
+    client: openai.OpenAI,
+    fresh: FakeUpstream,
+    content: Any,
+    param: str | None,
+    says: str,
+) -> None:
+    resp = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=_part_body(content),
+        headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
+    )
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == (param or "messages.0.content.0.image_url"), error
+    assert says in error["message"], error
+    assert fresh.requests == []  # nothing reached the engine, nothing was cached
+    assert _status(_chat(client, "still serving")) in ("miss", "hit")
+
+
+def test_images_forwarded_as_decoded(
+    client: openai.OpenAI, server: ServerProcess, fresh: FakeUpstream
+) -> None:
+    """An animation is sent on as its first frame, a sideways photo as the picture it shows:
+    an upstream sees what the cache key stands for."""
+
+    def sent_image(data: bytes, media_type: str) -> Any:
+        resp = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=_part_body([_image(data, media_type)]),
+            headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
+        )
+        assert resp.status_code == 200, resp.text
+        url = fresh.last.body["messages"][0]["content"][0]["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        return Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2])))
+
+    first = sent_image(animated_gif(frames=3, size=(16, 12)), "image/gif")
+    assert getattr(first, "n_frames", 1) == 1 and first.size == (16, 12)
+    upright = sent_image(rotated_jpeg(picture(40, 20)), "image/jpeg")
+    assert upright.size == (20, 40)  # orientation 6: shown rotated
 
 
 def test_chunked_body_over_the_limit(server: ServerProcess, fresh: FakeUpstream) -> None:

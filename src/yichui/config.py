@@ -290,6 +290,8 @@ class Settings(BaseSettings):
                 "api_keys are set but auth is 'local', which lets every request in: "
                 "set auth = 'keys'"
             )
+        if self.vision_min_pixels > self.vision_max_pixels:
+            raise ValueError("vision_min_pixels is larger than vision_max_pixels")
         return self
 
     @field_validator("extensions")
