@@ -9,6 +9,7 @@ with ``AutoModelForCausalLM`` / ``AutoTokenizer`` just as a downloaded model doe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A small model writes short answers, and a large
@@ -35,18 +36,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
-    """Write a tiny random Llama causal LM and its tokenizer into ``path``; return ``path``.
-
-    Different seeds give different weights (and so different outputs and fingerprints). The
-    EOS row of the output layer is shrunk so that EOS is practically never the greedy choice:
-    a random model would otherwise often stop after a token or two.
-    """
-    import torch
+def build_tokenizer() -> Any:
+    """The tiny model's tokenizer (byte-level BPE trained on :data:`CORPUS`, ChatML template),
+    for builders of other tiny models to start from (``tests/vision_models.py``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path.mkdir(parents=True, exist_ok=True)
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -66,6 +60,21 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
         extra_special_tokens=[IM_START],  # v5 name (additional_special_tokens is deprecated)
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Llama causal LM and its tokenizer into ``path``; return ``path``.
+
+    Different seeds give different weights (and so different outputs and fingerprints). The
+    EOS row of the output layer is shrunk so that EOS is practically never the greedy choice:
+    a random model would otherwise often stop after a token or two.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
     tokenizer.save_pretrained(path)
 
     config = LlamaConfig(
