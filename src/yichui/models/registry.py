@@ -24,6 +24,7 @@ from yichui.errors import InvalidModelNameError, ModelBusyError, ModelNotFoundEr
 from yichui.models.names import model_dir, trash_dir, validate_name
 from yichui.models.status import (
     LISTING_FIELDS,
+    STATUS_VERSION,
     ModelStatus,
     is_model_folder,
     iter_files,
@@ -110,8 +111,9 @@ class ModelRegistry:
                 cached = self.store.get(name)
             except StateError as exc:
                 return Lookup(self.scan(name), degraded=str(exc))
-            if cached is not None:
+            if cached is not None and cached.get("v") == STATUS_VERSION:
                 return Lookup(ModelStatus.from_dict(cached), cached=True)
+            # a miss, or an entry another version of yichui wrote: read the disk again
         status = self.scan(name)
         return Lookup(status, degraded=self._record(status))
 
@@ -145,7 +147,7 @@ class ModelRegistry:
                 rows = self.store.listing()
             except StateError as exc:
                 return Listing(_rows(m for m in self.walk() if m.exists), degraded=str(exc))
-            if rows is not None:
+            if rows is not None and _current(rows):
                 return Listing(rows, cached=True)
         return self.rescan()
 
@@ -285,6 +287,15 @@ def _valid(name: str) -> bool:
     except InvalidModelNameError:
         return False
     return True
+
+
+_LISTED = frozenset(LISTING_FIELDS)
+
+
+def _current(rows: list[dict[str, Any]]) -> bool:
+    """Whether listing rows have every field this version lists (rows an older yichui wrote
+    lack the newer ones: the index is rebuilt rather than shown with holes)."""
+    return all(row.keys() >= _LISTED for row in rows)
 
 
 def _rows(models: Iterable[ModelStatus]) -> list[dict[str, Any]]:

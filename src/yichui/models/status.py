@@ -16,48 +16,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yichui.models.kinds import describe
+from yichui.models.kinds import detect_kind as detect_kind  # its home before kinds.py
+
 MANIFEST = ".yichui.json"
-STATUS_VERSION = 1
-
-# model_type values of multimodal (vision/audio + text) architectures
-_MULTIMODAL_TYPES = {
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "qwen2_audio",
-    "qwen2_5_omni",
-    "idefics",
-    "idefics2",
-    "idefics3",
-    "smolvlm",
-    "mllama",
-    "paligemma",
-    "gemma3",
-    "internvl_chat",
-    "minicpmv",
-    "phi3_v",
-    "phi4_multimodal",
-    "blip-2",
-    "kosmos-2",
-    "pixtral",
-    "mistral3",
-    "llama4",
-    "molmo",
-    "aria",
-    "janus",
-    "chameleon",
-    "florence2",
-}
-_MULTIMODAL_KEYS = ("vision_config", "visual", "vision_tower", "mm_vision_tower", "audio_config")
-
+STATUS_VERSION = 2
+"""The shape of a status (the ``v`` of its JSON). A cached entry of another version is read
+again from the disk, never taken as it is: v2 added ``modalities``."""
 
 LISTING_FIELDS = (
     "name",
     "exists",
     "kind",
+    "modalities",
     "size",
     "files",
     "source",
@@ -83,6 +54,9 @@ class ModelStatus:
     source: str | None = None
     modified: float | None = None
     kind: str | None = None  # text | multimodal | adapter | unknown
+    modalities: list[str] | None = None
+    """What a full model takes in: ``["text"]``, ``["text", "image"]``, … (see
+    :mod:`yichui.models.kinds`); None for an adapter, an unknown folder, a missing model."""
     fingerprint: str | None = None
     checked_at: float = field(default_factory=time.time)
     v: int = STATUS_VERSION
@@ -119,26 +93,6 @@ def iter_files(folder: Path) -> list[tuple[str, os.stat_result]]:
     return out
 
 
-def detect_kind(folder: Path) -> str:
-    """``multimodal`` or ``text`` from ``config.json``; ``adapter`` for a LoRA adapter
-    (``adapter_config.json`` and no ``config.json``); ``unknown`` otherwise."""
-    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
-        return "adapter"
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return "unknown"
-    if not isinstance(config, dict):
-        return "unknown"
-    if (folder / "preprocessor_config.json").exists():
-        return "multimodal"
-    if str(config.get("model_type", "")).lower() in _MULTIMODAL_TYPES:
-        return "multimodal"
-    if any(k in config for k in _MULTIMODAL_KEYS):
-        return "multimodal"
-    return "text"
-
-
 def fingerprint(files: list[tuple[str, os.stat_result]]) -> str:
     """Changes whenever any file is added, removed, resized or rewritten (size, mtime_ns)."""
     h = hashlib.sha256(b"yichui-fp-v1\0")
@@ -169,6 +123,7 @@ def scan_model(name: str, folder: Path) -> ModelStatus:
     if not files:
         return ModelStatus.missing(name)
     manifest = read_manifest(folder)
+    described = describe(folder)
     return ModelStatus(
         name=name,
         exists=True,
@@ -178,7 +133,8 @@ def scan_model(name: str, folder: Path) -> ModelStatus:
         revision=manifest.get("revision"),
         source=manifest.get("source") or "local",
         modified=max(st.st_mtime for _, st in files),
-        kind=detect_kind(folder),
+        kind=described.kind,
+        modalities=described.modalities,
         fingerprint=fingerprint(files),
     )
 
