@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.images import image_part, png
 from tests.tiny_model import build_tiny_model
 from yichui.errors import (
     ChatTemplateError,
@@ -25,7 +26,6 @@ from yichui.inference.engine import (
     EngineChunk,
     EngineRequest,
     GenerationParams,
-    ImagePart,
     Message,
 )
 from yichui.inference.engines.local import LocalEngine
@@ -259,7 +259,7 @@ async def test_chat_without_template_and_refusing_template(
 
 
 async def test_images_are_refused(engine: LocalEngine, pool: ModelPool) -> None:
-    image = ImagePart(data=b"\x89PNG", media_type="image/png", sha256="0" * 64)
+    image = image_part(png(8, 8))
     with pytest.raises(ImagesNotAcceptedError, match="does not accept images") as info:
         await engine.complete(chat(content=("What is this?", image)))
     assert isinstance(info.value, ValueError)

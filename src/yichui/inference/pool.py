@@ -7,6 +7,12 @@ between requests, within a memory budget::
     async with pool.use(name, path, fingerprint) as loaded:
         async with loaded.lock:            # one generation at a time per model
             ...loaded.model, loaded.tokenizer...
+    async with pool.use(name, path, fingerprint, kind="multimodal", setup=bound) as loaded:
+        ...loaded.model, loaded.processor...
+
+Text and vision-language models share the pool (one budget, one eviction order): a
+``multimodal`` model is loaded with its processor (:func:`yichui.ml.loading.load_processor`),
+whose tokenizer is the entry's ``tokenizer``.
 
 - Concurrent first requests for a model share one load; a failed load is not kept (the next
   request tries again) and its error reaches every request that waited for it.
@@ -31,7 +37,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +71,8 @@ _ST_FLOATS = {"F64", "F32", "F16", "BF16"}
 @dataclass(eq=False)
 class LoadedModel:
     """A model in the pool. ``lock`` serializes generation on it; ``nbytes`` is the size of
-    its weights in memory."""
+    its weights in memory. A ``multimodal`` model has its ``processor`` (None for text), and
+    ``tokenizer`` is the processor's."""
 
     name: str
     path: Path
@@ -76,6 +83,8 @@ class LoadedModel:
     dtype: str
     nbytes: int
     load_seconds: float = 0.0
+    kind: ml.ModelKind = "text"
+    processor: Any = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
     """Requests inside ``pool.use()`` of this model right now (in use: not evictable)."""
@@ -83,6 +92,19 @@ class LoadedModel:
     """Requests this model has run since it was loaded (cache hits never reach the pool)."""
     last_used: float = field(default_factory=time.monotonic)
     """When a request last took or gave back the model (``time.monotonic()``)."""
+
+
+Setup = Callable[[LoadedModel], None]
+"""What :meth:`ModelPool.use` runs on a newly loaded entry (in the load's thread)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Load:
+    """How to load a model: the adapter to merge, the kind, the setup to run."""
+
+    adapter: Path | None = None
+    kind: ml.ModelKind = "text"
+    setup: Setup | None = None
 
 
 class ModelPool:
@@ -122,11 +144,23 @@ class ModelPool:
     # -- public -------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def use(
-        self, name: str, path: Path, fingerprint: str, *, adapter: Path | None = None
+        self,
+        name: str,
+        path: Path,
+        fingerprint: str,
+        *,
+        adapter: Path | None = None,
+        kind: ml.ModelKind = "text",
+        setup: Setup | None = None,
     ) -> AsyncIterator[LoadedModel]:
         """The loaded model ``name`` (loaded from ``path`` first if needed, with the LoRA
-        ``adapter`` merged into it when given), kept from eviction until the block exits."""
-        entry = await self._acquire(name, Path(path), fingerprint, adapter)
+        ``adapter`` merged into it when given), kept from eviction until the block exits.
+
+        ``kind`` picks the loader (``multimodal``: the model and its processor). ``setup``
+        runs once on a newly loaded entry, in the load's thread, before any request gets it
+        (the vision engine bounds the processor's visual tokens there); a name is always
+        used with the same one."""
+        entry = await self._acquire(name, Path(path), fingerprint, _Load(adapter, kind, setup))
         try:
             yield entry
         finally:
@@ -191,9 +225,7 @@ class ModelPool:
         self._collect()
 
     # -- acquiring and releasing ----------------------------------------------------------------
-    async def _acquire(
-        self, name: str, path: Path, fingerprint: str, adapter: Path | None
-    ) -> LoadedModel:
+    async def _acquire(self, name: str, path: Path, fingerprint: str, how: _Load) -> LoadedModel:
         while True:
             entry = self._models.get(name)
             if entry is not None and entry.fingerprint == fingerprint:
@@ -201,7 +233,7 @@ class ModelPool:
                 return self._checkout(entry)
             pending = self._loading.get(name)
             if pending is None:
-                pending = asyncio.ensure_future(self._load(name, path, fingerprint, adapter))
+                pending = asyncio.ensure_future(self._load(name, path, fingerprint, how))
                 self._loading[name] = pending
                 pending.add_done_callback(functools.partial(self._load_done, name))
             # shield: a waiter that is cancelled must not cancel the load the others await
@@ -235,9 +267,7 @@ class ModelPool:
             self._make_room(0, keep=entry)
 
     # -- loading and evicting -------------------------------------------------------------------
-    async def _load(
-        self, name: str, path: Path, fingerprint: str, adapter: Path | None = None
-    ) -> LoadedModel:
+    async def _load(self, name: str, path: Path, fingerprint: str, how: _Load) -> LoadedModel:
         async with self._load_lock:
             old = self._models.get(name)
             if old is not None:
@@ -260,20 +290,8 @@ class ModelPool:
                     self.nbytes >> 20,
                 )
             started = time.monotonic()
-            model, tokenizer, nbytes = await asyncio.to_thread(
-                _load_sync, name, path, device, dtype, adapter
-            )
-            entry = LoadedModel(
-                name=name,
-                path=path,
-                fingerprint=fingerprint,
-                model=model,
-                tokenizer=tokenizer,
-                device=device,
-                dtype=dtype,
-                nbytes=nbytes,
-                load_seconds=time.monotonic() - started,
-            )
+            entry = await asyncio.to_thread(_load_sync, name, path, fingerprint, device, dtype, how)
+            entry.load_seconds = time.monotonic() - started
             self._models[name] = entry
             self.loads += 1
             self.metrics.pool_loads.labels(name).inc()
@@ -283,7 +301,7 @@ class ModelPool:
                 name,
                 device,
                 dtype,
-                nbytes >> 20,
+                entry.nbytes >> 20,
                 entry.load_seconds,
             )
             return entry
@@ -312,6 +330,7 @@ class ModelPool:
             # nobody holds it: let the weights go now rather than with the entry
             entry.model = None
             entry.tokenizer = None
+            entry.processor = None
 
     def _collect(self) -> None:
         # Module graphs can hold reference cycles, and CUDA keeps freed blocks cached: both
@@ -376,17 +395,37 @@ def _safetensors_header(file: Path) -> dict[str, Any] | None:
 
 
 def _load_sync(
-    name: str, path: Path, device: str, dtype: str, adapter: Path | None = None
-) -> tuple[Any, Any, int]:
-    """Load tokenizer and model (in a worker thread), with a LoRA adapter merged in; return
-    them and the weights' bytes. The adapter's tokenizer (its chat template) wins."""
+    name: str, path: Path, fingerprint: str, device: str, dtype: str, how: _Load
+) -> LoadedModel:
+    """Load tokenizer (or processor) and model (in a worker thread), with a LoRA adapter
+    merged in, and run the setup. The adapter's tokenizer (its chat template) wins."""
+    adapter = how.adapter
     ml.require_ml("local inference", peft=adapter is not None)
-    tokenizer = ml.load_tokenizer(path, name, adapter=adapter)
-    model = ml.load_model(path, name, device=device, dtype=dtype)
+    processor = None
+    if how.kind == "multimodal":
+        processor = ml.load_processor(path, name, adapter=adapter)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = ml.load_tokenizer(path, name, adapter=adapter)
+    model = ml.load_model(path, name, device=device, dtype=dtype, kind=how.kind)
     if adapter is not None:
         # merged once at load: as fast per token as the base alone
         model = ml.apply_adapter(model, adapter, name, merge=True)
     model.eval()
     # parameters only (buffers such as rotary tables are tiny), as the estimate counts them
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return model, tokenizer, int(nbytes)
+    entry = LoadedModel(
+        name=name,
+        path=path,
+        fingerprint=fingerprint,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        nbytes=int(nbytes),
+        kind=how.kind,
+        processor=processor,
+    )
+    if how.setup is not None:
+        how.setup(entry)
+    return entry
