@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from tests.api_server import ServerProcess
+from tests.images import png
 from tests.redis_proc import RedisProcess
 from tests.tiny_model import build_tiny_model
 
@@ -100,7 +101,7 @@ def test_new_weights_mean_new_keys(
 
 
 def test_images_refused_by_a_text_model(server: ServerProcess, redis_url: str) -> None:
-    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+    image = png(8, 8)
     body = {
         "model": M,
         "temperature": 0,
@@ -112,7 +113,7 @@ def test_images_refused_by_a_text_model(server: ServerProcess, redis_url: str) -
                     {
                         "type": "image_url",
                         "image_url": {
-                            "url": "data:image/png;base64," + base64.b64encode(png).decode()
+                            "url": "data:image/png;base64," + base64.b64encode(image).decode()
                         },
                     },
                 ],

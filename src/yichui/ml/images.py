@@ -96,7 +96,7 @@ def decode(data: bytes, where: str, limits: ImageLimits) -> DecodedImage:
         with warnings.catch_warnings():
             # our own limit is checked below, from the header; Pillow's bomb check is a backstop
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(FORMATS))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=list(FORMATS))
     except Image.DecompressionBombError:
         raise RequestError(_too_many_pixels(None, limits), param=where) from None
     except Exception:  # UnidentifiedImageError, or a decoder's own error on a broken header

@@ -91,7 +91,9 @@ def load_processor(path: Path, name: str, *, adapter: Path | None = None) -> Any
 
     try:
         try:
-            processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+            processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+                str(path), local_files_only=True
+            )
         except Exception as first:
             # a video part that cannot be built (no torchvision, or a folder saved without
             # one): the same processor for images only, else the first error stands
