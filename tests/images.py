@@ -48,16 +48,7 @@ def data_url(data: bytes, media_type: str = "image/png") -> str:
 
 def image_part(data: bytes, detail: ImageDetail = "auto") -> ImagePart:
     """``data`` decoded as the API decodes a data URL."""
-    decoded = decode(data, "test", ImageLimits())
-    return ImagePart(
-        data=decoded.data,
-        media_type=decoded.media_type,
-        digest=decoded.digest,
-        mode=decoded.mode,
-        size=decoded.size,
-        detail=detail,
-        image=decoded.image,
-    )
+    return ImagePart.of(decode(data, "test", ImageLimits()), detail=detail)
 
 
 def with_pixel(image: Any, xy: tuple[int, int] = (0, 0), value: Any = (1, 2, 3)) -> Any:

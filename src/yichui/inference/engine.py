@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from yichui.config import Settings
     from yichui.metrics import Metrics
+    from yichui.ml.images import DecodedImage
     from yichui.models.registry import ModelRegistry
 
 DEFAULT_MAX_TOKENS = 256
@@ -48,6 +49,22 @@ class ImagePart:
     detail: ImageDetail = "auto"
     source: ImageSource = "data"
     image: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(
+        cls, decoded: DecodedImage, *, detail: ImageDetail = "auto", source: ImageSource = "data"
+    ) -> ImagePart:
+        """The part of an image :func:`yichui.ml.images.decode` accepted."""
+        return cls(
+            data=decoded.data,
+            media_type=decoded.media_type,
+            digest=decoded.digest,
+            mode=decoded.mode,
+            size=decoded.size,
+            detail=detail,
+            source=source,
+            image=decoded.image,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,17 +243,7 @@ def load_image(
     else:
         data = images.read_file(_local_path(url, where), where, roots, limits)
         source = "file"
-    decoded = images.decode(data, where, limits)
-    return ImagePart(
-        data=decoded.data,
-        media_type=decoded.media_type,
-        digest=decoded.digest,
-        mode=decoded.mode,
-        size=decoded.size,
-        detail=detail,
-        source=source,
-        image=decoded.image,
-    )
+    return ImagePart.of(images.decode(data, where, limits), detail=detail, source=source)
 
 
 def _local_path(url: str, where: str) -> Path:
