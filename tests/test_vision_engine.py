@@ -318,8 +318,10 @@ async def test_text_and_vision_models_share_the_budget(
 
 
 def test_the_seam_builds_both_engines_on_one_pool(runtime: Runtime) -> None:
-    text_engine, vision = local.engines(runtime)
-    assert isinstance(text_engine, LocalEngine) and isinstance(vision, VisionEngine)
+    (text_engine,) = local.engines(runtime)  # one for the router: a name is resolved once
+    assert isinstance(text_engine, LocalEngine)
+    (vision,) = text_engine.peers
+    assert isinstance(vision, VisionEngine)
     assert text_engine.pool is vision.pool
     assert vision.max_pixels == runtime.settings.vision_max_pixels
     assert vision.min_pixels == runtime.settings.vision_min_pixels

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from yichui.errors import ImagesNotAcceptedError, MissingExtraError
@@ -50,6 +50,7 @@ from yichui.inference.engines.pooled import (
 from yichui.inference.engines.vision import VisionEngine
 from yichui.inference.pool import LoadedModel, ModelPool
 from yichui.ml import prompts
+from yichui.models.registry import ModelRegistry
 from yichui.models.targets import Target
 
 log = logging.getLogger("yichui.inference")
@@ -76,7 +77,9 @@ def engines(services: EngineServices) -> list[PooledEngine]:
             max_pixels=s.vision_max_pixels,
             min_pixels=s.vision_min_pixels,
         )
-        return [LocalEngine(services.registry, pool), vision]
+        # one engine for the router: a name is resolved once (one model-status lookup), then
+        # served by the text or the vision half by its kind
+        return [LocalEngine(services.registry, pool, peers=(vision,))]
     except MissingExtraError as exc:
         log.warning("local engine unavailable (%s); serving upstream routes only", exc)
         return []
@@ -89,6 +92,25 @@ class LocalEngine(PooledEngine):
 
     name = "local"
     kinds = frozenset({"text"})
+
+    def __init__(
+        self, registry: ModelRegistry, pool: ModelPool, *, peers: Sequence[PooledEngine] = ()
+    ) -> None:
+        super().__init__(registry, pool)
+        self.peers = tuple(peers)
+        """Engines on the same pool for the other kinds (the vision engine): a name this one
+        resolved is handed to the one that serves its kind, so it is looked up once."""
+
+    def serve(self, target: Target) -> PooledModel | None:
+        bound = super().serve(target)
+        for peer in self.peers:
+            if bound is not None:
+                break
+            bound = peer.serve(target)
+        return bound
+
+    def served_kinds(self) -> frozenset[str]:
+        return self.kinds.union(*(peer.kinds for peer in self.peers))
 
     @staticmethod
     def card(target: Target) -> ModelCard:

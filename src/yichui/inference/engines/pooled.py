@@ -72,9 +72,17 @@ class PooledEngine:
             target = await asyncio.to_thread(resolve_target, self.registry, model)
         except (InvalidModelNameError, ModelKindError, ModelNotFoundError):
             return None
+        return self.serve(target)
+
+    def serve(self, target: Target) -> PooledModel | None:
+        """``target`` bound to this engine; None when it is of a kind this one does not serve."""
         if target.kind not in self.kinds:
             return None
         return PooledModel(self, target, self.card(target))
+
+    def served_kinds(self) -> frozenset[str]:
+        """The kinds :meth:`cards` lists (an engine with peers: theirs too)."""
+        return self.kinds
 
     async def cards(self) -> list[ModelCard]:
         """Every model of the registry this engine serves, adapters as ``base@adapter``."""
@@ -89,7 +97,7 @@ class PooledEngine:
                 if not base:
                     continue
                 name = f"{base}@{name}"
-            elif row.get("kind") not in self.kinds:
+            elif row.get("kind") not in self.served_kinds():
                 continue
             bound = await self.bind(name)  # an adapter's base of another kind: None
             if bound is not None:
