@@ -91,6 +91,10 @@ def train(
     nproc_per_node: Annotated[
         int | None, typer.Option(help="Processes on the node: >1 launches torchrun.")
     ] = None,
+    train_projector: Annotated[
+        bool,
+        typer.Option("--train-projector", help="Vision-language base: train its projector too."),
+    ] = False,
     replace: ReplaceOpt = False,
     queue: QueueOpt = None,
     wait: WaitOpt = False,
@@ -128,6 +132,7 @@ def train(
         nnodes=nnodes,
         backend=backend,
         nproc_per_node=nproc_per_node,
+        train_projector=train_projector or None,
     )
     if not json and not wait:
         err_console.print(f"run folder: {t['run_dir']}; adapter: {t['output']}", highlight=False)

@@ -77,6 +77,16 @@ class TrainArgs(TaskArgs):
     nproc_per_node: int = Field(default=1, ge=1, le=64)
     """Processes (GPUs) on this node: more than one launches ``torchrun``."""
     nnodes: int = Field(default=1, ge=1, le=1024)
+    train_projector: bool = False
+    """A multimodal base: train its projector (LLaVA's ``multi_modal_projector``, Qwen2-VL's
+    ``visual.merger``, Idefics3's ``connector``) whole, beside the language model's LoRA. The
+    vision tower stays frozen either way."""
+    vision_max_pixels: int | None = Field(default=None, gt=0)
+    """A multimodal base: the most pixels of an image the model is shown (larger ones are
+    scaled down). Set from the ``vision_max_pixels`` setting when queued, so a resumed run
+    sees its images as it began, and as they are served."""
+    vision_min_pixels: int | None = Field(default=None, gt=0)
+    """A multimodal base: the fewest (Qwen2-VL scales smaller images up); from the setting."""
 
     @field_validator("model")
     @classmethod
@@ -136,6 +146,11 @@ class EvalArgs(TaskArgs):
     max_new_tokens: int = Field(default=64, ge=1, le=8192)
     max_length: int = Field(default=1024, ge=8, le=1_048_576)
     batch_size: int = Field(default=8, ge=1, le=4096)
+    vision_max_pixels: int | None = Field(default=None, gt=0)
+    """A multimodal model: the most pixels of an image it is shown (the setting's value when
+    queued; part of the cache key)."""
+    vision_min_pixels: int | None = Field(default=None, gt=0)
+    """A multimodal model: the fewest (the setting's value when queued; part of the key)."""
 
     @field_validator("model")
     @classmethod

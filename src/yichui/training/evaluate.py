@@ -3,6 +3,10 @@
 The report is stored as ``<data_dir>/evals/<key>.json`` and in Redis under ``eval_result:<key>``
 (see :mod:`yichui.state.eval_store`), where ``key`` covers the model's fingerprint, the dataset's
 hash and the parameters: the same evaluation asked again is answered from there at once.
+
+A multimodal model (or ``base@adapter`` on one) is scored and asked through its processor,
+each record's images shown to it as in training and serving (:mod:`yichui.training.eval_inputs`);
+its answers are scored as a text model's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 from yichui.ml.loading import (
     apply_adapter,
     load_model,
+    load_processor,
     load_tokenizer,
     require_ml,
     resolve_device,
@@ -52,10 +57,17 @@ def evaluate(ctx: TaskContext[TrainingServices], args: EvalArgs) -> dict[str, An
     dtype = resolve_dtype(device)
     base_path = Path(target.base.path or "")
     adapter = Path(target.adapter.path or "") if target.adapter is not None else None
-    tokenizer = load_tokenizer(base_path, args.model, adapter=adapter)
-    model = load_model(base_path, args.model, device=device, dtype=dtype)
+    multimodal = target.kind == "multimodal"
+    model = load_model(
+        base_path,
+        args.model,
+        device=device,
+        dtype=dtype,
+        kind="multimodal" if multimodal else "text",
+    )
     if adapter is not None:
         model = apply_adapter(model, adapter, args.model, merge=True)
+    inputs = _inputs(args, base_path, adapter, multimodal=multimodal)
     model.eval()
     examples = read_examples(args.dataset.path)
     if args.limit is not None:
@@ -65,7 +77,7 @@ def evaluate(ctx: TaskContext[TrainingServices], args: EvalArgs) -> dict[str, An
     ctx.log(f"evaluating {args.model} on {len(examples)} records ({device})")
     nll, tokens, step = 0.0, 0, 0
     for batch in batches:
-        s, n = _batch_nll(model, tokenizer, batch, args.max_length, device)
+        s, n = _batch_nll(model, inputs.scored(batch), device)
         nll, tokens, step = nll + s, tokens + n, step + 1
         ctx.report(step, total, unit="batch", loss=nll / max(tokens, 1))
     loss = nll / tokens if tokens else None
@@ -86,16 +98,15 @@ def evaluate(ctx: TaskContext[TrainingServices], args: EvalArgs) -> dict[str, An
     if args.generate:
         hits_exact = hits_contains = 0
         for batch in batches:
-            predictions = _generate(model, tokenizer, batch, args, device)
+            predictions = _generate(model, inputs, batch, args, device)
             for ex, pred in zip(batch, predictions, strict=True):
                 em, ct = exact_match(pred, ex.answers), contains(pred, ex.answers)
                 hits_exact += em
                 hits_contains += ct
                 if len(report["samples"]) < SAMPLES:
-                    question = ex.prompt[-1]["content"] if ex.prompt else ""
                     report["samples"].append(
                         {
-                            "question": question,
+                            "question": ex.question,
                             "answers": list(ex.answers),
                             "prediction": pred,
                             "exact": em,
@@ -120,25 +131,31 @@ def _chunks(items: list[Example], size: int) -> list[list[Example]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _batch_nll(
-    model: Any, tokenizer: Any, batch: list[Example], max_length: int, device: str
-) -> tuple[float, int]:
+def _inputs(args: EvalArgs, base_path: Path, adapter: Path | None, *, multimodal: bool) -> Any:
+    from yichui.training.eval_inputs import TextInputs, VisionInputs
+
+    if not multimodal:
+        return TextInputs(load_tokenizer(base_path, args.model, adapter=adapter), args.max_length)
+    from yichui.training.trainer import vision_bounds
+
+    return VisionInputs(
+        load_processor(base_path, args.model, adapter=adapter),
+        model=args.model,
+        max_length=args.max_length,
+        bounds=vision_bounds(args.vision_min_pixels, args.vision_max_pixels),
+    )
+
+
+def _batch_nll(model: Any, inputs: dict[str, Any], device: str) -> tuple[float, int]:
     """Summed negative log-likelihood of the answer tokens, and their count."""
     import torch
 
-    from yichui.training.data import Collator, encode, pad_id
-
-    rows = [encode(tokenizer, ex, max_length) for ex in batch]
-    inputs = Collator(pad_id(tokenizer))(
-        [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
-    )
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    labels = inputs["labels"].to(device)
+    given = {k: v.to(device) for k, v in inputs.items() if k != "labels"}
     with torch.no_grad():
-        logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).logits
+        logits = model(**given).logits
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = inputs["labels"][:, 1:]
+    shift_labels = labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
@@ -149,26 +166,18 @@ def _batch_nll(
 
 
 def _generate(
-    model: Any, tokenizer: Any, batch: list[Example], args: EvalArgs, device: str
+    model: Any, inputs: Any, batch: list[Example], args: EvalArgs, device: str
 ) -> list[str]:
     """Greedy answers to each example's prompt (left-padded batch)."""
     import torch
-
-    from yichui.training.data import pad_id, render_prompt, token_ids
-
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    prompts = [
-        token_ids(tokenizer, render_prompt(tokenizer, ex.prompt), special=not templated)[
-            -args.max_length :
-        ]
-        for ex in batch
-    ]
-    width = max(len(p) for p in prompts)
-    pad = pad_id(tokenizer)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     from transformers import GenerationConfig
 
+    from yichui.training.data import pad_id
+
+    tokenizer = inputs.tokenizer
+    asked = {k: v.to(device) for k, v in inputs.asked(batch).items()}
+    width = int(asked["input_ids"].shape[1])
+    pad = pad_id(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     config = GenerationConfig(  # type: ignore[no-untyped-call]
         max_new_tokens=args.max_new_tokens,
@@ -183,6 +192,6 @@ def _generate(
         top_k=None,
     )
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(**asked, generation_config=config)
     texts: list[str] = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [t.strip() for t in texts]

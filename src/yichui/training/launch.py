@@ -40,13 +40,20 @@ from yichui.models.targets import resolve_target
 from yichui.supervise import Child, spawn, spawned_pid, tie_to_parent
 from yichui.tasks.context import HandedBack, LeaseLost, TaskCancelled, TaskContext
 from yichui.training.args import TrainArgs
-from yichui.training.dataset import read_examples
+from yichui.training.dataset import IMAGE_TAG, Example, content_text, read_examples
 from yichui.training.runs import checkpoint_step, latest_checkpoint, read_json, write_json
 
 STOP_FILE = "STOP"
 POLL = 0.2
 STOP_GRACE = 600.0
 """Seconds the processes get to save a checkpoint and exit after a cancel."""
+
+_ADAPTER_FILES = (
+    "adapter_", "tokenizer", "special_tokens_map", "chat_template", "processor_config",
+    "preprocessor_config",
+)  # fmt: skip
+"""What of a swift checkpoint the adapter folder keeps: the weights, the tokenizer and (a
+multimodal base) the processor."""
 
 Parser = Callable[[dict[str, Any]], tuple[int, int, dict[str, float]] | None]
 
@@ -299,7 +306,7 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     data = run_dir / "swift_dataset.jsonl"
     with open(data, "w", encoding="utf-8") as fh:
         for ex in read_examples(args.dataset.path):
-            fh.write(json.dumps({"messages": list(ex.messages)}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(swift_record(ex), ensure_ascii=False) + "\n")
     out_dir = run_dir / "swift"
     resume = latest_swift_checkpoint(out_dir)
     cmd = swift_command(exe, args, str(base.path), data, out_dir, resume)
@@ -313,7 +320,7 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
     shutil.rmtree(adapter_dir, ignore_errors=True)
     adapter_dir.mkdir()
     for f in last.iterdir():
-        if f.is_file() and (f.name.startswith("adapter_") or f.name.startswith("tokenizer")):
+        if f.is_file() and f.name.startswith(_ADAPTER_FILES):
             shutil.copy2(f, adapter_dir / f.name)
     ctx.flush()
     return finish_run(
@@ -328,6 +335,19 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         final={},
         backend="swift",
     )
+
+
+def swift_record(ex: Example) -> dict[str, Any]:
+    """An example in ms-swift's format: text messages, each image an ``<image>`` tag in its
+    text and a path in ``images`` (a snapshot's images are files)."""
+    messages = [
+        {"role": m["role"], "content": content_text(m["content"], image=IMAGE_TAG)}
+        for m in ex.messages
+    ]
+    record: dict[str, Any] = {"messages": messages}
+    if ex.images:
+        record["images"] = [str(s.path) for s in ex.images if s.path is not None]
+    return record
 
 
 def swift_command(
@@ -434,7 +454,9 @@ def _child_main(spec_path: str) -> None:
     callbacks: list[Any] = [StopFile()]
     progress = TaskProgress(None, run_dir if rank == 0 else None)
     callbacks.append(progress)
-    trainer, tokenizer = build_trainer(args, Path(spec["base_path"]), args.model, device, callbacks)
+    trainer, preprocessor = build_trainer(
+        args, Path(spec["base_path"]), args.model, device, callbacks
+    )
     resume = latest_checkpoint(run_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     progress.close()
@@ -442,7 +464,7 @@ def _child_main(spec_path: str) -> None:
         return
     if rank == 0:
         trainer.save_model(str(run_dir / "adapter"))
-        tokenizer.save_pretrained(str(run_dir / "adapter"))
+        preprocessor.save_pretrained(str(run_dir / "adapter"))
         write_json(
             run_dir / "result.json",
             {

@@ -3,8 +3,9 @@
 A run lives in its folder (see :mod:`yichui.training.runs`). Each attempt resumes from the
 newest whole checkpoint there, so a worker killed mid-training costs at most ``save_steps``
 steps: the step count, optimizer, scheduler and RNG states continue where they stopped. At the
-end the adapter (with the tokenizer, for its chat template) is registered in the models root
-under ``output``; its ``model_status`` entry exists the moment the task succeeds.
+end the adapter (with the tokenizer, for its chat template; a multimodal base's processor) is
+registered in the models root under ``output``; its ``model_status`` entry exists the moment
+the task succeeds.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def train(ctx: TaskContext[TrainingServices], args: TrainArgs) -> dict[str, Any]
     progress = TaskProgress(ctx, run_dir)
     started = time.monotonic()
     try:
-        trainer, tokenizer = build_trainer(
+        trainer, preprocessor = build_trainer(
             args, Path(base.path or ""), args.model, device, [progress]
         )
         ctx.log(f"{len(trainer.train_dataset)} examples, batch {args.batch_size}×{args.grad_accum}")
@@ -63,7 +64,7 @@ def train(ctx: TaskContext[TrainingServices], args: TrainArgs) -> dict[str, Any]
         ctx.check()  # raises the cancel or the hand-back
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    preprocessor.save_pretrained(str(adapter_dir))  # the tokenizer, or a processor
     ctx.flush()  # a run whose lease was lost stops here, before registering anything
     return finish_run(
         ctx,

@@ -4,6 +4,10 @@ The merged weights are written in the base's dtype (or the one asked for) into t
 staging folder and moved into place by :func:`~yichui.models.install.install_model`, which
 publishes the new ``model_status`` entry in the same step: the model is listed, and servable,
 the moment the task succeeds.
+
+A multimodal base gives a multimodal model: the merged weights (vision tower, projector and
+language model) with the processor the adapter was trained with (image processor, tokenizer,
+chat template), registered as kind ``multimodal``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from yichui.ml.loading import apply_adapter, load_model, load_tokenizer, require_ml
+from yichui.ml.loading import (
+    ModelKind,
+    apply_adapter,
+    load_model,
+    load_processor,
+    load_tokenizer,
+    require_ml,
+)
 from yichui.models.install import install_model
 from yichui.models.status import read_manifest
 from yichui.models.targets import resolve_target
@@ -30,10 +41,11 @@ def merge(ctx: TaskContext[TrainingServices], args: MergeArgs) -> dict[str, Any]
     assert target.adapter is not None
     base_path, adapter_path = Path(target.base.path or ""), Path(target.adapter.path or "")
     dtype = _dtype(base_path, args.dtype)
+    kind: ModelKind = "multimodal" if target.base.kind == "multimodal" else "text"
 
     def produce(staging: Path, _lock: Any) -> dict[str, Any]:
         ctx.log(f"loading {args.base} ({dtype})")
-        model = load_model(base_path, args.base, device="cpu", dtype=dtype)
+        model = load_model(base_path, args.base, device="cpu", dtype=dtype, kind=kind)
         ctx.report(1, STEPS)
         ctx.log(f"applying {args.adapter}")
         model = apply_adapter(model, adapter_path, args.adapter, merge=False)
@@ -42,8 +54,14 @@ def merge(ctx: TaskContext[TrainingServices], args: MergeArgs) -> dict[str, Any]
         ctx.report(3, STEPS)
         ctx.flush()  # a run whose lease was lost stops before writing the model
         model.save_pretrained(str(staging))
-        tokenizer = load_tokenizer(base_path, args.adapter, adapter=adapter_path)
-        tokenizer.save_pretrained(str(staging))
+        if kind == "multimodal":  # its tokenizer and chat template, with the image processor
+            load_processor(base_path, args.adapter, adapter=adapter_path).save_pretrained(
+                str(staging)
+            )
+        else:
+            load_tokenizer(base_path, args.adapter, adapter=adapter_path).save_pretrained(
+                str(staging)
+            )
         ctx.report(4, STEPS)
         trained = read_manifest(adapter_path)
         return {
@@ -73,6 +91,7 @@ def merge(ctx: TaskContext[TrainingServices], args: MergeArgs) -> dict[str, Any]
         "base": args.base,
         "adapter": args.adapter,
         "dtype": dtype,
+        "kind": status.kind,
     }
 
 
@@ -83,5 +102,6 @@ def _dtype(base: Path, asked: str) -> str:
         config = json.loads((base / "config.json").read_text())
     except (OSError, ValueError):
         return "float32"
-    found = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    found = str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or "float32")
     return found if found in ("bfloat16", "float16", "float32") else "float32"

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from yichui.errors import ModelNotFoundError, StateError, TrainingError
+from yichui.errors import DatasetError, ModelNotFoundError, StateError, TrainingError
 from yichui.models.names import validate_name
 from yichui.models.status import read_manifest
 from yichui.models.targets import ADAPTER_KIND, resolve_target
 from yichui.tasks.service import LOCAL_TENANT
 from yichui.training.dataset import DatasetInfo, inspect_dataset, snapshot
+from yichui.training.dataset_images import ImageRules
 from yichui.training.runs import datasets_root, evals_root, new_run_dir, read_json, write_json
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 
 EVAL_KEY_VERSION = 1
 _PLACEHOLDER_SHA = "0" * 64
+_UNSET_UNKEYED = ("vision_max_pixels", "vision_min_pixels")
+"""Parameters added after key version 1: they enter the key only when set, so the reports of
+text models cached before them are still found."""
+MULTIMODAL_KIND = "multimodal"
 
 
 @dataclass
@@ -104,7 +109,13 @@ class TrainingService:
             )
         out = validate_name(output) if output else _default_output(model)
         self._check_free(out, replace)
-        info = inspect_dataset(dataset)
+        rules = ImageRules.from_settings(self.settings)
+        info = inspect_dataset(dataset, rules)
+        params = self._vision_params(model, target.kind, info, params)
+        if params.get("train_projector") and target.kind != MULTIMODAL_KIND:
+            raise TrainingError(
+                f"--train-projector needs a multimodal base; {model!r} is a {target.kind} model"
+            )
         task_type = self.tasks.types.get("train")
         # every other argument is validated before a folder or a snapshot is written
         probe = {
@@ -116,7 +127,7 @@ class TrainingService:
             **{k: v for k, v in params.items() if v is not None},
         }
         task_type.parse(probe)
-        snap = snapshot(info, datasets_root(self.settings.data_dir))
+        snap = snapshot(info, datasets_root(self.settings.data_dir), rules)
         args = {**probe, "dataset": _dataset_ref(info, str(snap))}
         run_dir = new_run_dir(self.settings.data_dir, out, args)
         args["run_dir"] = str(run_dir)
@@ -176,7 +187,9 @@ class TrainingService:
     ) -> EvalSubmission:
         """The report from the cache when this evaluation ran before; else queue it."""
         target = resolve_target(self.registry, model)
-        info = inspect_dataset(dataset)
+        rules = ImageRules.from_settings(self.settings)
+        info = inspect_dataset(dataset, rules)
+        params = self._vision_params(model, target.kind, info, params)
         task_type = self.tasks.types.get("evaluate")
         probe = {
             "model": model,
@@ -191,7 +204,7 @@ class TrainingService:
             if found is not None:
                 report, source = found
                 return EvalSubmission(key, True, report=report, source=source)
-        snap = snapshot(info, datasets_root(self.settings.data_dir))
+        snap = snapshot(info, datasets_root(self.settings.data_dir), rules)
         args = {**probe, "dataset": _dataset_ref(info, str(snap)), "key": key}
         task = self.tasks.submit("evaluate", args, queue=queue, tenant=tenant)
         return EvalSubmission(key, False, task=task)
@@ -228,6 +241,26 @@ class TrainingService:
                 store.put(key, report)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _vision_params(
+        self, model: str, kind: str | None, info: DatasetInfo, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``params`` with a multimodal model's image size bounds (the settings', unless
+        given); a dataset with images for a model that cannot see them is refused."""
+        if kind == MULTIMODAL_KIND:
+            s = self.settings
+            bounds = {
+                "vision_max_pixels": s.vision_max_pixels,
+                "vision_min_pixels": s.vision_min_pixels,
+            }
+            return {**params, **{k: v for k, v in bounds.items() if params.get(k) is None}}
+        if info.images:
+            raise DatasetError(
+                f"has {info.images} image(s) (the first on line {info.image_line}), but"
+                f" {model!r} is a {kind} model, which cannot see them; use a multimodal model",
+                path=info.path,
+            )
+        return params
+
     def _check_free(self, name: str, replace: bool) -> None:
         if replace:
             return
@@ -240,7 +273,11 @@ class TrainingService:
 
 def eval_key(fingerprint: str, dataset_sha256: str, args: dict[str, Any]) -> str:
     """The cache key of an evaluation: what decides its result, canonical, versioned."""
-    params = {k: v for k, v in sorted(args.items()) if k not in ("model", "dataset", "key")}
+    params = {
+        k: v
+        for k, v in sorted(args.items())
+        if k not in ("model", "dataset", "key") and not (k in _UNSET_UNKEYED and v is None)
+    }
     doc = {
         "v": EVAL_KEY_VERSION,
         "fingerprint": fingerprint,

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from yichui.errors import TaskFailedError, TrainingError
-from yichui.ml.loading import load_model, load_tokenizer, resolve_dtype
+from yichui.ml.loading import load_model, load_processor, load_tokenizer, resolve_dtype
 from yichui.models.install import install_model
+from yichui.models.kinds import detect_kind
 from yichui.models.status import read_manifest
 from yichui.tasks.context import TaskContext
 from yichui.training.args import DatasetRef, TrainArgs
-from yichui.training.dataset import file_sha256, read_examples
+from yichui.training.dataset import file_sha256, read_examples, snapshot_problem
 from yichui.training.loading import check_qlora
 from yichui.training.runs import checkpoint_step, write_json
 
@@ -41,6 +42,7 @@ def finish_run(
         "output": args.output,
         "base": args.model,
         "base_fingerprint": base.fingerprint,
+        "base_kind": base.kind,
         "steps": steps,
         "train_loss": train_loss,
         "final": final,
@@ -69,6 +71,9 @@ def check_snapshot(dataset: DatasetRef) -> None:
             f"the dataset {path} is not the one this task was queued with (SHA-256 differs)",
             retryable=False,
         )
+    problem = snapshot_problem(path)
+    if problem is not None:
+        raise TaskFailedError(f"the dataset {path}: {problem}", retryable=False)
 
 
 def run_training(trainer: Any, resume: Path | None) -> Any:
@@ -103,34 +108,44 @@ def build_trainer(
     *,
     output_dir: Path | None = None,
 ) -> tuple[Any, Any]:
-    """A Trainer for ``args`` on the model at ``base_path``, with the peft model inside."""
+    """A Trainer for ``args`` on the model at ``base_path``, with the peft model inside, and
+    what the adapter folder carries beside the weights: the tokenizer (its chat template), or a
+    multimodal model's processor (image processor, tokenizer, chat template)."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from yichui.training.data import Collator, EncodedDataset, encode, pad_id
+    from yichui.training.targets import lora_targets
 
     if args.qlora:
         check_qlora(device)
     dtype = resolve_dtype(device)
-    tokenizer = load_tokenizer(base_path, base_name)
-    rows = [encode(tokenizer, ex, args.max_length) for ex in read_examples(args.dataset.path)]
-    model = load_model(base_path, base_name, device=device, dtype=dtype, qlora=args.qlora)
+    multimodal = detect_kind(base_path) == "multimodal"
+    dataset, collator, carried = _training_data(args, base_path, base_name, multimodal=multimodal)
+    model = load_model(
+        base_path,
+        base_name,
+        device=device,
+        dtype=dtype,
+        kind="multimodal" if multimodal else "text",
+        qlora=args.qlora,
+    )
     if args.qlora:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=args.gradient_checkpointing
         )
-    targets: Any = list(args.target_modules) or None
-    if targets == ["all-linear"]:
-        targets = "all-linear"
+    targets, to_save = lora_targets(
+        model, args.target_modules, multimodal=multimodal, train_projector=args.train_projector
+    )
     try:
         lora = LoraConfig(
             r=args.rank,
             lora_alpha=args.alpha,
             lora_dropout=args.dropout,
             target_modules=targets,
+            modules_to_save=to_save,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -167,14 +182,50 @@ def build_trainer(
     trainer = Trainer(
         model=model,
         args=targs,
-        train_dataset=EncodedDataset(rows),
-        data_collator=Collator(pad_id(tokenizer)),
+        train_dataset=dataset,
+        data_collator=collator,
         callbacks=callbacks,
     )
     # our progress goes to the task; the Trainer's own printing would only clutter the log
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    return trainer, tokenizer
+    return trainer, carried
+
+
+def _training_data(
+    args: TrainArgs, base_path: Path, base_name: str, *, multimodal: bool
+) -> tuple[Any, Any, Any]:
+    """(dataset, collator, tokenizer or processor) for the base's kind: text examples encoded
+    at once; examples with images one by one as the Trainer asks
+    (:mod:`yichui.training.vision_data`)."""
+    from yichui.training.data import Collator, EncodedDataset, encode, pad_id
+
+    examples = read_examples(args.dataset.path)
+    if not multimodal:
+        tokenizer = load_tokenizer(base_path, base_name)
+        rows = [encode(tokenizer, ex, args.max_length) for ex in examples]
+        return EncodedDataset(rows), Collator(pad_id(tokenizer)), tokenizer
+    from yichui.training.vision_data import VisionCollator, VisionDataset, VisionEncoder
+
+    encoder = VisionEncoder(
+        load_processor(base_path, base_name),
+        model=base_name,
+        max_length=args.max_length,
+        bounds=vision_bounds(args.vision_min_pixels, args.vision_max_pixels),
+    )
+    # the adapter carries the processor as the base has it (the bounds are the engine's)
+    carried = load_processor(base_path, base_name)
+    return VisionDataset(examples, encoder), VisionCollator(pad_id(encoder.tokenizer)), carried
+
+
+def vision_bounds(min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """(min, max) pixels of an image, the settings' defaults for a task queued without them."""
+    from yichui.config import Settings
+
+    fields = Settings.model_fields
+    low = min_pixels or int(fields["vision_min_pixels"].default)
+    high = max_pixels or int(fields["vision_max_pixels"].default)
+    return min(low, high), high
 
 
 def register_adapter(
@@ -201,7 +252,11 @@ def register_adapter(
                 "alpha": args.alpha,
                 "dropout": args.dropout,
                 "target_modules": list(args.target_modules),
+                "train_projector": args.train_projector,
             },
+            "base_kind": summary.get("base_kind") or "text",
+            "vision_max_pixels": args.vision_max_pixels,
+            "vision_min_pixels": args.vision_min_pixels,
         }
 
     def ours(status: Any) -> bool:

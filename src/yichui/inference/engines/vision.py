@@ -37,8 +37,6 @@ every model of the shared pool under it (the text engine reports the pool).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -61,6 +59,7 @@ from yichui.inference.engines.pooled import (
 from yichui.inference.pool import LoadedModel, ModelPool
 from yichui.ml import prompts
 from yichui.ml.images import fit
+from yichui.ml.vision_inputs import bound_visual_tokens
 from yichui.models.registry import ModelRegistry
 from yichui.models.targets import Target
 
@@ -209,51 +208,3 @@ def _fallback(processor: Any, conversation: list[dict[str, Any]]) -> Any:
         messages.append(prompts.chat_message(message["role"], "".join(text), message.get("name")))
     prompt = prompts.fallback_chat_prompt(messages)
     return processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
-
-
-def bound_visual_tokens(processor: Any, min_pixels: int, max_pixels: int) -> None:
-    """Bound how many pixels (so how many visual tokens) ``processor`` makes of an image.
-
-    - Qwen2-VL, Qwen2.5-VL (an image processor with ``merge_size``): its pixel bounds become
-      ``min_pixels`` to ``max_pixels`` (``size`` holds them as ``shortest_edge`` and
-      ``longest_edge`` in transformers 5, ``min_pixels``/``max_pixels`` before).
-    - Idefics3, SmolVLM (``max_image_size`` tiles and ``do_image_splitting``): the longest
-      edge an image is resized to becomes at most the whole tiles that fit in
-      ``sqrt(max_pixels)``, so the tiles hold at most ``max_pixels`` pixels; splitting goes
-      off when one tile is all that fits.
-    - Others (LLaVA: one fixed resolution) are left as they are.
-    """
-    images = getattr(processor, "image_processor", None)
-    if images is None:
-        return
-    size = getattr(images, "size", None)
-    if hasattr(images, "max_image_size") and hasattr(images, "do_image_splitting"):
-        tile = int(_get(images.max_image_size, "longest_edge") or 0)
-        longest = _get(size, "longest_edge")
-        if tile <= 0 or longest is None:
-            return
-        side = tile * max(1, math.isqrt(max_pixels) // tile)
-        if side < int(longest):
-            images.size = _with(size, longest_edge=side)
-        if side <= tile:
-            images.do_image_splitting = False
-    elif hasattr(images, "merge_size"):
-        if size is not None:
-            images.size = _with(size, shortest_edge=min_pixels, longest_edge=max_pixels)
-        for attr, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-            if getattr(images, attr, None) is not None:
-                setattr(images, attr, value)
-
-
-def _get(size: Any, key: str) -> Any:
-    """``size[key]`` of a dict or of transformers' ``SizeDict`` (a dataclass); None if unset."""
-    if isinstance(size, dict):
-        return size.get(key)
-    return getattr(size, key, None)
-
-
-def _with(size: Any, **values: int) -> Any:
-    """``size`` (a dict or a ``SizeDict``) with ``values`` set, of the same type."""
-    if dataclasses.is_dataclass(size) and not isinstance(size, type):
-        return dataclasses.replace(size, **values)
-    return {**(size or {}), **values}
