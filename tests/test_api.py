@@ -237,6 +237,15 @@ def test_image_detail_levels(client: openai.OpenAI, fresh: FakeUpstream) -> None
     assert len(fresh.requests) == 3
 
 
+def _post_parts(server: ServerProcess, content: Any) -> httpx.Response:
+    """A chat request of one user message with ``content``, as team-a."""
+    return httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=_part_body(content),
+        headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
+    )
+
+
 def _part_body(content: Any) -> bytes:
     return json.dumps(
         {"model": "echo", "messages": [{"role": "user", "content": content}]}
@@ -273,11 +282,7 @@ def _part_body(content: Any) -> bytes:
 def test_validation_names_the_wrong_part(
     server: ServerProcess, fresh: FakeUpstream, content: Any, param: str, says: str
 ) -> None:
-    resp = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        content=_part_body(content),
-        headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
-    )
+    resp = _post_parts(server, content)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
@@ -510,11 +515,7 @@ def test_bad_images_refused(
     param: str | None,
     says: str,
 ) -> None:
-    resp = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        content=_part_body(content),
-        headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
-    )
+    resp = _post_parts(server, content)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == (param or "messages.0.content.0.image_url"), error
@@ -530,11 +531,7 @@ def test_images_forwarded_as_decoded(
     an upstream sees what the cache key stands for."""
 
     def sent_image(data: bytes, media_type: str) -> Any:
-        resp = httpx.post(
-            f"{server.url}/v1/chat/completions",
-            content=_part_body([_image(data, media_type)]),
-            headers={"authorization": "Bearer key-team-a", "content-type": "application/json"},
-        )
+        resp = _post_parts(server, [_image(data, media_type)])
         assert resp.status_code == 200, resp.text
         url = fresh.last.body["messages"][0]["content"][0]["image_url"]["url"]
         assert url.startswith("data:image/png;base64,")
