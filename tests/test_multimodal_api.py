@@ -138,19 +138,27 @@ def test_a_file_request_never_takes_the_fast_path(
     path = images / "changing.png"
     path.write_bytes(encode(picture(32, 32, seed=1)))
     url = f"file://{path}"
+    decoded = _count(server, "yichui_image_decode_seconds", endpoint="chat")
     first, again = _ask(client, QWEN, url), _ask(client, QWEN, url)
     assert (_status(first), _status(again)) == ("miss", "hit")
     path.write_bytes(encode(picture(32, 32, seed=2)))
     changed = _ask(client, QWEN, url)
     assert _status(changed) == "miss"
     assert changed.headers["x-yichui-cache-key"] != first.headers["x-yichui-cache-key"]
+    # each of the three read and decoded its file (the hit too), timed in /metrics
+    assert _count(server, "yichui_image_decode_seconds", endpoint="chat") == decoded + 3
+
+
+def _count(server: ServerProcess, histogram: str, **label: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    ((name, value),) = label.items()
+    pattern = rf'^{histogram}_count\{{{name}="{re.escape(value)}"\}} (\S+)$'
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def _engine_calls(server: ServerProcess, model: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    pattern = rf'^yichui_engine_seconds_count\{{model="{re.escape(model)}"\}} (\S+)$'
-    found = re.search(pattern, text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return _count(server, "yichui_engine_seconds", model=model)
 
 
 def test_concurrent_identical_image_questions_computed_once(

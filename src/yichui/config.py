@@ -209,6 +209,10 @@ class Settings(BaseSettings):
     """Longest wait for an identical request computing the same answer (then compute it)."""
     max_body_bytes: int = Field(default=20 * 1024**2, gt=0)
     """Largest request body the API accepts (images included): 413 beyond."""
+    malloc_retain_bytes: int = Field(default=256 * 1024**2, ge=0)
+    """glibc only: freed memory an API process keeps for reuse, allocations up to 32 MiB
+    taken from it, so a request with a picture does not fault in fresh pages for its body
+    and image (``runtime/malloc.py``). It stays resident; 0 leaves glibc's defaults."""
     image_file_roots: list[Path] = Field(default_factory=list)
     """Folders from which requests may reference images as local files (``file://`` URLs or
     absolute paths). Empty: local files are refused."""

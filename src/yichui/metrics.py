@@ -179,6 +179,13 @@ class Metrics:
             ("endpoint", "cache", "code"),
             _REQUESTS,
         )
+        self.image_decode_seconds = loop.histogram(
+            "yichui_image_decode_seconds",
+            "Time to read, check, decode and hash the images of one request (all of them, in "
+            "a worker thread), before its cache lookup.",
+            ("endpoint",),
+            _FAST,
+        )
         self._breaker_state: Any = None
         self._near: Any = None
 
@@ -298,6 +305,9 @@ class Metrics:
     # -- requests (the event loop's thread only) --------------------------------------------------
     def request_took(self, endpoint: str, cache: str, code: str, seconds: float) -> None:
         self.request_seconds.observe((endpoint, cache, code), seconds)
+
+    def images_took(self, endpoint: str, seconds: float) -> None:
+        self.image_decode_seconds.observe((endpoint,), seconds)
 
     # -- engines --------------------------------------------------------------------------------
     def first_token(self, model: str, seconds: float) -> None:

@@ -68,6 +68,10 @@ def serve(
     ]
     import uvicorn
 
+    from yichui.runtime import malloc
+
+    malloc.tune(s.malloc_retain_bytes)
+
     class _Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM once it has shut down, which ends the process before any
         ``finally``: the task workers are stopped during the shutdown instead."""

@@ -143,6 +143,15 @@ def decode(data: bytes, where: str, limits: ImageLimits) -> DecodedImage:
     )
 
 
+def b64decode(payload: str | bytes) -> bytes:
+    """Strict base64 (only the alphabet, padding where it belongs; ``binascii.Error`` or
+    ``ValueError`` otherwise), as ``binascii.a2b_base64(strict_mode=True)`` but SIMD-fast:
+    40x less time on the megabytes of a photo's data URL (``pybase64``)."""
+    import pybase64
+
+    return pybase64.b64decode(payload, validate=True)
+
+
 def pixel_digest(image: Any) -> str:
     """``px1-<sha256>`` of ``image``'s mode, size, palette (if any) and pixels."""
     h = hashlib.sha256(f"{image.mode}\0{image.size[0]}x{image.size[1]}\0".encode())

@@ -18,7 +18,6 @@ here imports torch; Pillow only to check an image.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import os
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from yichui.errors import DatasetError, RequestError
-from yichui.ml.images import ImageLimits, decode
+from yichui.ml.images import ImageLimits, b64decode, decode
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -182,7 +181,7 @@ def _data_url(ref: str, where: str, line: int, dataset: Path) -> bytes:
             line=line,
         )
     try:
-        return base64.b64decode(payload, validate=True)
+        return b64decode(payload)
     except (binascii.Error, ValueError):
         raise DatasetError(
             f"{where}: the image data URL is not valid base64", path=dataset, line=line

@@ -4,6 +4,7 @@ the work in the inference service."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -11,6 +12,7 @@ from fastapi.responses import Response
 
 from yichui.api.auth import CallerDep, TenantDep
 from yichui.api.deps import RouterDep
+from yichui.api.openai.body import ImageBodyRoute
 from yichui.api.openai.protocol import ChatCompletionRequest, CompletionRequest, has_images
 from yichui.api.openai.serving import respond
 from yichui.inference.engine import EngineRequest, ModelCard
@@ -22,7 +24,7 @@ NO_FAST_PATH = "yichui.no_fast_path"
 (``api/fastpath.py``): a request naming a local image file (the file can change under the
 same request bytes)."""
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=ImageBodyRoute)  # images cut out before parsing
 
 CacheControl = Annotated[str | None, Header(alias="cache-control")]
 CachePolicyHeader = Annotated[str | None, Header(alias="x-yichui-cache-policy")]
@@ -46,7 +48,9 @@ async def chat_completions(
     engine_request: EngineRequest
     if has_images(body):  # decoding takes milliseconds: not on the event loop
         limits = ImageLimits.from_settings(settings)
+        started = time.perf_counter()
         engine_request = await asyncio.to_thread(body.to_engine, settings.image_file_roots, limits)
+        services.metrics.images_took("chat", time.perf_counter() - started)
         if any(p.source == "file" for m in engine_request.messages for p in m.images()):
             request.scope[NO_FAST_PATH] = True
     else:
