@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,43 @@ def test_cache_stats_and_clear(client: openai.OpenAI, server: ServerProcess) -> 
     cleared = _cli(server, "cache", "clear", "--model", M, "--json")
     assert json.loads(cleared.stdout)["deleted"] == 2
     assert _chat(client).headers["x-yichui-cache"] == "miss"
+
+
+def test_a_busy_model_answers_503_with_retry_after(
+    redis_server: RedisProcess, models_root: Path, tmp_path: Path
+) -> None:
+    """One request at a time and one waiting (batch_max_size 1, batch_queue_max 1): the
+    requests past that get 503 with Retry-After and an OpenAI error body, at once; the server
+    serves on, and /metrics counts the refusals."""
+    busy = ServerProcess(
+        tmp_path,
+        redis_url=redis_server.url,
+        models_root=str(models_root),
+        batch_max_size=1,
+        batch_queue_max=1,
+    ).start()
+    try:
+
+        def ask(i: int, max_tokens: int = 6) -> httpx.Response:
+            body = {
+                "model": M,
+                "prompt": f"request {i}",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+            return httpx.post(f"{busy.url}/v1/completions", json=body, timeout=120)
+
+        assert ask(0).status_code == 200  # loaded
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: ask(i, 300), range(1, 7)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes.count(200) >= 2 and 503 in codes, codes
+        refused = next(a for a in answers if a.status_code == 503)
+        assert int(refused.headers["retry-after"]) >= 1
+        error = refused.json()["error"]
+        assert error["code"] == "engine_busy" and "batch_queue_max" in error["message"]
+        assert ask(99).status_code == 200
+        metrics = httpx.get(f"{busy.url}/metrics", timeout=10).text
+        assert 'yichui_engine_queue_rejected_total{model="tiny/llama",reason="full"}' in metrics
+    finally:
+        busy.stop()

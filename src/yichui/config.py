@@ -163,6 +163,16 @@ class Settings(BaseSettings):
     model_memory_budget: int = Field(default=8 * 1024**3, gt=0)
     """Bytes of weights the warm model pool keeps loaded; least recently used models that are
     not in use are evicted to make room."""
+    batch_max_size: int = Field(default=8, ge=1)
+    """Most requests a local text model generates together in one padded batch (1: one at a
+    time). Requests waiting while a batch runs form the next one."""
+    batch_window: float = Field(default=0.005, ge=0)
+    """Seconds a request that finds its model idle waits for others to join its batch."""
+    batch_queue_max: int = Field(default=64, ge=1)
+    """Most requests waiting for one local model; past it, 503 with ``Retry-After``."""
+    batch_queue_timeout: float = Field(default=30.0, gt=0)
+    """Longest a request waits for its model before its batch starts; then 503 with
+    ``Retry-After`` (never a hang)."""
     inference_device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when there is one)."""
     inference_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

@@ -36,6 +36,8 @@ it with (``status``) and the exit code the CLI ends with (``exit_code``)::
         ├── UpstreamError                         502/504  an upstream failed (``status`` and
         │                                                  ``body`` per instance; its 4xx as is)
         ├── CoalescedError                        (its)    the computation we waited for failed
+        ├── EngineBusyError                           503  a local model's queue is full, or the
+        │                                                  request waited too long (Retry-After)
         ├── ImagesNotAcceptedError (ValueError)       400  image parts for a text-only model
         └── ChatTemplateError (ValueError)            400  the chat template refused the messages
 
@@ -390,6 +392,24 @@ class CoalescedError(InferenceError):
         self.retryable = self.status >= 500
         body = self.error.get("body")
         self.body = body if isinstance(body, dict) and "error" in body else None
+
+
+class EngineBusyError(InferenceError):
+    """A local model cannot take the request now: its queue holds ``batch_queue_max``
+    requests already, or the request waited ``batch_queue_timeout`` seconds without starting.
+    Answered 503 with ``Retry-After: retry_after`` (seconds); nothing was computed."""
+
+    status = 503
+    code = "engine_busy"
+    retryable = True
+
+    def __init__(self, model: str, reason: str, *, retry_after: int) -> None:
+        super().__init__(
+            f"model {model!r} is busy: {reason}",
+            hint="retry after a moment, or raise batch_queue_max / batch_queue_timeout",
+        )
+        self.model = model
+        self.retry_after = retry_after
 
 
 class ImagesNotAcceptedError(InferenceError, ValueError):

@@ -74,6 +74,7 @@ _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 _SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _REQUESTS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
              30.0, 60.0, 120.0)  # fmt: skip
+_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 _LOADS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _TASKS = (0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 
@@ -210,6 +211,33 @@ class Metrics:
             ["model", "kind"],
             registry=r,
         )
+        self.engine_batch_size = Histogram(
+            "yichui_engine_batch_size",
+            "Requests a local model generated together in one batch.",
+            ["model"],
+            buckets=_BATCHES,
+            registry=r,
+        )
+        self.engine_queue_depth = Gauge(
+            "yichui_engine_queue_depth",
+            "Requests waiting for a local model (not yet in a batch).",
+            ["model"],
+            registry=r,
+        )
+        self.engine_queue_wait_seconds = Histogram(
+            "yichui_engine_queue_wait_seconds",
+            "Time a request waited for a local model before its batch started.",
+            ["model"],
+            buckets=_REQUESTS,
+            registry=r,
+        )
+        self.engine_queue_rejected = PromCounter(
+            "yichui_engine_queue_rejected",
+            "Requests a local model refused with 503: its queue was full (reason=full), or "
+            "they waited longer than batch_queue_timeout (reason=timeout).",
+            ["model", "reason"],
+            registry=r,
+        )
 
         # -- model pool (per process) --
         self.pool_loads = PromCounter(
@@ -320,6 +348,18 @@ class Metrics:
         if usage is not None:
             self.engine_tokens.labels(model, "prompt").inc(usage.prompt_tokens)
             self.engine_tokens.labels(model, "completion").inc(usage.completion_tokens)
+
+    def batch_ran(self, model: str, size: int, waits: list[float]) -> None:
+        """A batch of ``size`` requests of ``model`` started; ``waits``: their seconds queued."""
+        self.engine_batch_size.labels(model).observe(size)
+        for wait in waits:
+            self.engine_queue_wait_seconds.labels(model).observe(wait)
+
+    def queue_depth(self, model: str, depth: int) -> None:
+        self.engine_queue_depth.labels(model).set(depth)
+
+    def queue_rejected(self, model: str, reason: str) -> None:
+        self.engine_queue_rejected.labels(model, reason).inc()
 
     # -- model pool -----------------------------------------------------------------------------
     def watch_pool(self, pool: Any) -> None:

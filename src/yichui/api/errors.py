@@ -131,6 +131,12 @@ def translate(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return 500, error_body(500, "internal error")
 
 
+def retry_after(exc: BaseException) -> dict[str, str]:
+    """``Retry-After`` for an error that says when to come back (a busy engine)."""
+    seconds = getattr(exc, "retry_after", None)
+    return {"retry-after": str(int(seconds))} if isinstance(seconds, int) else {}
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -147,7 +153,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def _translated(request: Request, exc: Exception) -> JSONResponse:
         status, body = translate(exc)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=retry_after(exc))
 
     # ours are answered here; the catch-all (a bug) is answered too, then re-raised by
     # Starlette's server-error middleware so that it is logged with its traceback

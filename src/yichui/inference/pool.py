@@ -86,6 +86,8 @@ class LoadedModel:
     kind: ml.ModelKind = "text"
     processor: Any = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    batcher: Any = None
+    """The queue its requests wait in and batch from (``engines/batching.py``), made on use."""
     users: int = 0
     """Requests inside ``pool.use()`` of this model right now (in use: not evictable)."""
     requests: int = 0

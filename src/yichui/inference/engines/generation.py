@@ -30,8 +30,10 @@ pixels for a vision model); everything else is here, the same for both:
   greedy complete give exactly the same text. (transformers' ``TextIteratorStreamer`` takes
   batch size 1 only.)
 - Generation runs in a worker thread under the model's lock: one generation per model at a
-  time, the event loop free meanwhile. A stream closed early stops the generation at the next
-  token.
+  time, the event loop free meanwhile. With a ``queue`` (the engines' batcher,
+  :mod:`.batching`) requests wait there and run as one padded batch, each with its own
+  processors and watcher from :meth:`Generation.logits` and :meth:`Generation.watcher`. A
+  stream closed early stops the generation at the next token.
 
 torch and transformers are imported inside the functions.
 """
@@ -41,7 +43,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from yichui.inference.engine import (
     Choice,
@@ -51,6 +53,14 @@ from yichui.inference.engine import (
     Usage,
 )
 from yichui.inference.pool import LoadedModel
+
+
+class JobQueue(Protocol):
+    """Runs a request's generation in its turn, maybe in a batch with others
+    (:class:`~yichui.inference.engines.batching.Batcher`), its chunks sent through ``emit``."""
+
+    async def run(self, job: Generation, emit: Emit) -> None: ...
+
 
 Finish = Literal["stop", "length"]
 
@@ -95,15 +105,31 @@ class Generation:
         loaded: LoadedModel,
         params: GenerationParams,
         prepare: Callable[[], ModelInputs],
+        queue: JobQueue | None = None,
     ) -> None:
         self.loaded = loaded
         self.params = params
         self.prepare = prepare
+        self.queue = queue
+        """Where requests for the model wait and join batches (``engines/batching.py``);
+        None: one at a time under the model's lock, alone."""
         self.cancelled = False
+        self.on_cancel: Callable[[], None] | None = None
+        """Set by the batcher while the job waits in its queue: drops it from there."""
+        self.inputs: ModelInputs | None = None
+        """The prepared inputs (prepared once, in the generation thread)."""
 
     def cancel(self) -> None:
         """Stop at the next token (read by the generation thread; a bool is safe to share)."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+    def prepared(self) -> ModelInputs:
+        """The inputs, prepared on the first call (in the generation thread)."""
+        if self.inputs is None:
+            self.inputs = self.prepare()
+        return self.inputs
 
     async def stream(self) -> AsyncGenerator[EngineChunk, None]:
         """The chunks as they are generated; close it (``aclose()``) to stop early. Must run
@@ -117,11 +143,14 @@ class Generation:
         async def work() -> None:
             # The lock is held by the generation, not by the consumer: a slow reader of the
             # stream does not keep the next request waiting.
-            async with self.loaded.lock:
-                try:
-                    await asyncio.to_thread(self.run, emit)
-                finally:
-                    emit(None)
+            try:
+                if self.queue is not None:
+                    await self.queue.run(self, emit)
+                else:
+                    async with self.loaded.lock:
+                        await asyncio.to_thread(self.run, emit)
+            finally:
+                emit(None)
 
         worker = asyncio.ensure_future(work())
         try:
@@ -141,10 +170,8 @@ class Generation:
         """The generation itself (in the worker thread, under the model's lock)."""
         if self.cancelled:
             return
-        import torch
-
         params = self.params
-        inputs = self.prepare()
+        inputs = self.prepared()
         # greedy choices are all equal: compute one, copy it
         if params.greedy:
             rounds = [(1, 0)]  # (rows, first choice)
@@ -152,13 +179,7 @@ class Generation:
             rounds = [(params.n, 0)]
         else:
             rounds = [(1, i) for i in range(params.n)]
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.loaded.device)
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed % 2**64)
+        generator = self.generator()
         completion = 0
         for rows, first in rounds:
             if self.cancelled:
@@ -166,61 +187,101 @@ class Generation:
             completion += self._generate(inputs, rows, first, generator, emit)
         emit(EngineChunk(index=0, usage=Usage(inputs.prompt_tokens, completion)))
 
+    def generator(self) -> Any:
+        """The request's own random generator (None when greedy), seeded by its ``seed``."""
+        if self.params.greedy:
+            return None
+        import torch
+
+        generator = torch.Generator(device=self.loaded.device)
+        if self.params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.params.seed % 2**64)
+        return generator
+
+    def rows(self) -> int:
+        """Rows of a batch this request takes: one when greedy (copied to its ``n``), else
+        ``n`` (its sampled choices)."""
+        return 1 if self.params.greedy else self.params.n
+
+    def logits(self, prompt_tokens: int, generator: Any) -> list[Any]:
+        """The logits processors of this request: penalties over the tokens generated after
+        ``prompt_tokens`` (the padded length inside a batch), then its sampler."""
+        params = self.params
+        processors: list[Any] = []
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(
+                _Penalties(prompt_tokens, params.presence_penalty, params.frequency_penalty)
+            )
+        if generator is not None:
+            processors.append(_Sampler(params.temperature, params.top_p, generator))
+        return processors
+
+    def watcher(self, rows: int, first: int, emit: Emit) -> _Watcher:
+        """The stopping criterion (and streamer) of this request's ``rows``."""
+        params = self.params
+        return _Watcher(
+            self.loaded.tokenizer,
+            rows=rows,
+            n=params.n if params.greedy else rows,
+            first=first,
+            max_tokens=params.max_tokens,
+            stop=[s for s in params.stop if s],
+            eos=set(eos_ids(self.loaded)),
+            emit=emit,
+            is_cancelled=lambda: self.cancelled,
+        )
+
     def _generate(
         self, inputs: ModelInputs, rows: int, first: int, generator: Any, emit: Emit
     ) -> int:
         """``rows`` rows of the prompt, answering choices ``first``... (all ``n`` when one
         greedy row stands for them); returns the completion tokens they count for."""
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        params = self.params
         loaded = self.loaded
-        eos = eos_ids(loaded)
-        pad = loaded.tokenizer.pad_token_id
-        if pad is None:
-            pad = eos[0] if eos else 0
         tensors = _on(loaded, inputs.tensors, rows)
-        processors = LogitsProcessorList()
-        if params.presence_penalty or params.frequency_penalty:
-            processors.append(
-                _Penalties(inputs.prompt_tokens, params.presence_penalty, params.frequency_penalty)
-            )
-        if generator is not None:
-            processors.append(_Sampler(params.temperature, params.top_p, generator))
-        copies = params.n if params.greedy else rows
-        watcher = _Watcher(
-            loaded.tokenizer,
-            rows=rows,
-            n=copies,
-            first=first,
-            max_tokens=params.max_tokens,
-            stop=[s for s in params.stop if s],
-            eos=set(eos),
-            emit=emit,
-            is_cancelled=lambda: self.cancelled,
-        )
-        _own_lengths(loaded.model)
-        config = GenerationConfig(  # type: ignore[no-untyped-call]
-            max_new_tokens=params.max_tokens,
-            do_sample=False,  # sampling is _Sampler's: see the module docstring
-            num_beams=1,
-            eos_token_id=eos or None,
-            pad_token_id=pad,
-            # Unset fields would be filled from the model's generation_config.json; these
-            # would change the output behind the request's back.
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-        )
+        processors = LogitsProcessorList(self.logits(inputs.prompt_tokens, generator))
+        watcher = self.watcher(rows, first, emit)
         with torch.inference_mode():
             loaded.model.generate(
                 **tensors,
-                generation_config=config,
+                generation_config=generation_config(loaded, self.params.max_tokens),
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([watcher]),
             )
         watcher.finish()
         return watcher.completion_tokens()
+
+
+def pad_id(loaded: LoadedModel) -> int:
+    """The id that pads rows (the tokenizer's, else the first EOS)."""
+    pad = loaded.tokenizer.pad_token_id
+    if pad is None:
+        eos = eos_ids(loaded)
+        pad = eos[0] if eos else 0
+    return int(pad)
+
+
+def generation_config(loaded: LoadedModel, max_new_tokens: int) -> Any:
+    """transformers' ``GenerationConfig`` of every generation of ours: the greedy loop (the
+    sampling is :class:`_Sampler`'s), the model's EOS ids, nothing of its own
+    ``generation_config.json`` that would change the output behind the request's back."""
+    from transformers import GenerationConfig
+
+    _own_lengths(loaded.model)
+    eos = eos_ids(loaded)
+    return GenerationConfig(  # type: ignore[no-untyped-call]
+        max_new_tokens=max_new_tokens,
+        do_sample=False,  # sampling is _Sampler's: see the module docstring
+        num_beams=1,
+        eos_token_id=eos or None,
+        pad_token_id=pad_id(loaded),
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+    )
 
 
 def _on(loaded: LoadedModel, tensors: Mapping[str, Any], rows: int) -> dict[str, Any]:

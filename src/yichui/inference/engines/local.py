@@ -38,6 +38,7 @@ from yichui.inference.engine import (
     ModelCard,
     PoolSnapshot,
 )
+from yichui.inference.engines.batching import BatchSettings
 from yichui.inference.engines.generation import Generation, ModelInputs
 from yichui.inference.engines.pooled import (
     PooledEngine,
@@ -71,15 +72,19 @@ def engines(services: EngineServices) -> list[PooledEngine]:
             dtype=s.inference_dtype,
             metrics=services.metrics,
         )
+        batching = BatchSettings.of(
+            s, headroom=lambda: pool.budget_bytes - pool.nbytes, metrics=services.metrics
+        )
         vision = VisionEngine(
             services.registry,
             pool,
             max_pixels=s.vision_max_pixels,
             min_pixels=s.vision_min_pixels,
+            batching=batching,
         )
         # one engine for the router: a name is resolved once (one model-status lookup), then
         # served by the text or the vision half by its kind
-        return [LocalEngine(services.registry, pool, peers=(vision,))]
+        return [LocalEngine(services.registry, pool, peers=(vision,), batching=batching)]
     except MissingExtraError as exc:
         log.warning("local engine unavailable (%s); serving upstream routes only", exc)
         return []
@@ -94,9 +99,14 @@ class LocalEngine(PooledEngine):
     kinds = frozenset({"text"})
 
     def __init__(
-        self, registry: ModelRegistry, pool: ModelPool, *, peers: Sequence[PooledEngine] = ()
+        self,
+        registry: ModelRegistry,
+        pool: ModelPool,
+        *,
+        peers: Sequence[PooledEngine] = (),
+        batching: BatchSettings | None = None,
     ) -> None:
-        super().__init__(registry, pool)
+        super().__init__(registry, pool, batching=batching)
         self.peers = tuple(peers)
         """Engines on the same pool for the other kinds (the vision engine): a name this one
         resolved is handed to the one that serves its kind, so it is looked up once."""
@@ -139,7 +149,7 @@ class LocalEngine(PooledEngine):
         _check(request)
         base, adapter = paths(target)
         async with self.pool.use(target.name, base, target.fingerprint, adapter=adapter) as m:
-            job = Generation(m, request.params, lambda: _inputs(m, request))
+            job = Generation(m, request.params, lambda: _inputs(m, request), queue=self.queue(m))
             async with contextlib.aclosing(job.stream()) as chunks:
                 async for chunk in chunks:
                     yield chunk

@@ -29,8 +29,9 @@ from yichui.errors import (
     RequestError,
 )
 from yichui.inference.engine import EngineChunk, EngineRequest, EngineResult, ModelCard
-from yichui.inference.engines.generation import join
-from yichui.inference.pool import ModelPool
+from yichui.inference.engines.batching import BatchSettings, batcher
+from yichui.inference.engines.generation import JobQueue, join
+from yichui.inference.pool import LoadedModel, ModelPool
 from yichui.models.registry import ModelRegistry
 from yichui.models.status import read_manifest
 from yichui.models.targets import ADAPTER_KIND, Target, resolve_target
@@ -46,11 +47,20 @@ class PooledEngine:
     kinds: ClassVar[frozenset[str]] = frozenset()
     """The registry kinds (``text``, ``multimodal``) this engine serves."""
 
-    def __init__(self, registry: ModelRegistry, pool: ModelPool) -> None:
+    def __init__(
+        self, registry: ModelRegistry, pool: ModelPool, *, batching: BatchSettings | None = None
+    ) -> None:
         if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
             raise MissingExtraError("ml", "the local inference engine")
         self.registry = registry
         self.pool = pool
+        self.batching = batching
+        """How requests wait for a model and batch (``engines/batching.py``); None: one at
+        a time, no queue bound."""
+
+    def queue(self, loaded: LoadedModel) -> JobQueue | None:
+        """Where requests for ``loaded`` wait their turn (its batcher), if batching is on."""
+        return batcher(loaded, self.batching) if self.batching is not None else None
 
     def card(self, target: Target) -> ModelCard:
         """The card of a registry model (or ``base@adapter``) this engine serves."""

@@ -48,6 +48,7 @@ from yichui.inference.engine import (
     Message,
     ModelCard,
 )
+from yichui.inference.engines.batching import BatchSettings
 from yichui.inference.engines.generation import Generation, ModelInputs
 from yichui.inference.engines.pooled import (
     PooledEngine,
@@ -76,9 +77,15 @@ class VisionEngine(PooledEngine):
     kinds = frozenset({"multimodal"})
 
     def __init__(
-        self, registry: ModelRegistry, pool: ModelPool, *, max_pixels: int, min_pixels: int
+        self,
+        registry: ModelRegistry,
+        pool: ModelPool,
+        *,
+        max_pixels: int,
+        min_pixels: int,
+        batching: BatchSettings | None = None,
     ) -> None:
-        super().__init__(registry, pool)
+        super().__init__(registry, pool, batching=batching)
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
         self.max_pixels = max_pixels
@@ -118,7 +125,9 @@ class VisionEngine(PooledEngine):
             kind="multimodal",
             setup=self._setup,
         ) as m:
-            job = Generation(m, request.params, lambda: self._inputs(m, request))
+            job = Generation(
+                m, request.params, lambda: self._inputs(m, request), queue=self.queue(m)
+            )
             async with contextlib.aclosing(job.stream()) as chunks:
                 async for chunk in chunks:
                     yield chunk
