@@ -64,11 +64,13 @@ $(VENV)/.bench-installed: $(VENV)/.dev-installed
 	$(BIN)/pip install $(PIP_ARGS) --quiet --no-deps $(BENCH_PKGS)
 	touch $@
 
-bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ, response cache, training
+bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ, response cache, training, batching, images
 	$(BIN)/python bench/model_status.py
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/training.py
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/multimodal.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info

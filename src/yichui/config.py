@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     model_memory_budget: int = Field(default=8 * 1024**3, gt=0)
     """Bytes of weights the warm model pool keeps loaded; least recently used models that are
     not in use are evicted to make room."""
-    batch_max_size: int = Field(default=8, ge=1)
+    batch_max_size: int = Field(default=16, ge=1)
     """Most requests a local text model generates together in one padded batch (1: one at a
     time). Requests waiting while a batch runs form the next one."""
     batch_window: float = Field(default=0.005, ge=0)

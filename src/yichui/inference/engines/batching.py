@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 class BatchSettings:
     """The batching settings (``batch_*``), the pool's free memory and the metrics."""
 
-    max_size: int = 8
+    max_size: int = 16
     window: float = 0.005
     queue_max: int = 64
     queue_timeout: float = 30.0
