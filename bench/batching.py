@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import redis_server
+from common import finish, redis_server
 from training import prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,11 +205,7 @@ def main() -> int:
             else {}
         ),
     }
-    for name, ok in checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    figures["checks"] = checks
-    print(json.dumps(figures, separators=(",", ":")))
-    return 1 if args.strict and not all(checks.values()) else 0
+    return finish(figures, checks, args.strict)
 
 
 if __name__ == "__main__":

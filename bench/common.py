@@ -63,3 +63,15 @@ def percentile(samples: list[float], q: float) -> float:
     """The ``q`` quantile (0-1) of ``samples``, nearest rank."""
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def finish(figures: dict[str, Any], checks: dict[str, bool], strict: bool) -> int:
+    """Print each check PASS/FAIL, then the last line: one JSON object of ``figures`` (with
+    ``checks``); the exit status (1 when ``strict`` and a check failed)."""
+    import json
+
+    for name, ok in checks.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    figures["checks"] = checks
+    print(json.dumps(figures, separators=(",", ":")))
+    return 1 if strict and not all(checks.values()) else 0

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from cache_load import Conn
-from common import percentile, redis_server
+from common import finish, percentile, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/qwen2-vl"
@@ -273,11 +273,7 @@ def main() -> int:
         ("  re-encoded - both", "reencoded_over_decode_and_receive_ms"),
     ]:
         print(f"  {label:<26} {served[key]:>8} ms")
-    for name, ok in checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    figures["checks"] = checks
-    print(json.dumps(figures, separators=(",", ":")))
-    return 1 if args.strict and not all(checks.values()) else 0
+    return finish(figures, checks, args.strict)
 
 
 if __name__ == "__main__":
