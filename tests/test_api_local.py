@@ -145,8 +145,8 @@ def test_a_busy_model_answers_503_with_retry_after(
     redis_server: RedisProcess, models_root: Path, tmp_path: Path
 ) -> None:
     """One request at a time and one waiting (batch_max_size 1, batch_queue_max 1): the
-    requests past that get 503 with Retry-After and an OpenAI error body, at once; the server
-    serves on, and /metrics counts the refusals."""
+    requests past that get 503 with Retry-After and an OpenAI error body, at once (a streamed
+    one too, before its stream starts); the server serves on; /metrics counts the refusals."""
     busy = ServerProcess(
         tmp_path,
         redis_url=redis_server.url,
@@ -167,7 +167,14 @@ def test_a_busy_model_answers_503_with_retry_after(
 
         assert ask(0).status_code == 200  # loaded
         with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda i: ask(i, 300), range(1, 7)))
+            futures = [pool.submit(ask, i, 900) for i in range(1, 7)]
+            while 'reason="full"' not in httpx.get(f"{busy.url}/metrics", timeout=10).text:
+                time.sleep(0.02)  # the queue is full now: a stream is refused before it starts
+            body = {"model": M, "prompt": "a stream", "max_tokens": 6, "stream": True}
+            streamed = httpx.post(f"{busy.url}/v1/completions", json=body, timeout=60)
+            answers = [f.result() for f in futures]
+        assert streamed.status_code == 503 and int(streamed.headers["retry-after"]) >= 1
+        assert streamed.json()["error"]["code"] == "engine_busy"
         codes = sorted(a.status_code for a in answers)
         assert codes.count(200) >= 2 and 503 in codes, codes
         refused = next(a for a in answers if a.status_code == 503)

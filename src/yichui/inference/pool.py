@@ -173,6 +173,10 @@ class ModelPool:
         """Bytes of weights loaded now."""
         return sum(e.nbytes for e in self._models.values())
 
+    def peek(self, name: str) -> LoadedModel | None:
+        """The loaded model ``name``, if it is loaded (its place in the LRU order unchanged)."""
+        return self._models.get(name)
+
     def loaded(self) -> list[str]:
         """Names of the loaded models, least recently used first."""
         return list(self._models)

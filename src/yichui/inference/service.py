@@ -181,6 +181,7 @@ class InferenceService:
         deterministic = is_deterministic(request.params, honours_seed=bound.honours_seed)
         if not (deterministic or policy.sampled):
             self.cache.count("bypass", endpoint, bound.card.id)
+            _admit(bound)
             return await self._uncached(bound, request, stream, render)
         scope = "shared" if self.shared else f"tenant:{tenant}"
         card = bound.card
@@ -197,6 +198,7 @@ class InferenceService:
                 flight = self._flights.get(key)  # one may have started while we looked
             if flight is not None:
                 return await self._join(flight, bound, request, stream, render, endpoint)
+        _admit(bound)  # a hit, or joining a computation under way, is never refused
         flight = self._start(bound, request, key, policy, stream, render, reachable, endpoint)
         return await self._lead(flight)
 
@@ -464,3 +466,11 @@ async def _pump(
 def _complete(result: EngineResult) -> bool:
     """Only whole, non-empty answers are stored."""
     return bool(result.choices) and all(c.text.strip() for c in result.choices)
+
+
+def _admit(bound: BoundEngine) -> None:
+    """Let the engine refuse a new computation it has no room for (a local model's full queue:
+    503 with ``Retry-After``), before any response starts, streamed or not."""
+    admit = getattr(bound, "admit", None)
+    if admit is not None:
+        admit()

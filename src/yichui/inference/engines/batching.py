@@ -129,13 +129,7 @@ class Batcher:
         raised); :class:`~yichui.errors.EngineBusyError` when the queue is full or the wait
         ran out before it started."""
         s = self.settings
-        if len(self.waiting) >= s.queue_max:
-            self._rejected("full")
-            raise EngineBusyError(
-                self.loaded.name,
-                f"{len(self.waiting)} requests are waiting for it (batch_queue_max)",
-                retry_after=self._retry_after(),
-            )
+        self.admit()
         entry = _Waiting(job, emit, asyncio.get_running_loop().create_future())
         self.waiting.append(entry)
         self._depth()
@@ -159,6 +153,18 @@ class Batcher:
                 await entry.done  # it runs: to its end
         finally:
             job.on_cancel = None
+
+    def admit(self) -> None:
+        """:class:`~yichui.errors.EngineBusyError` if the queue is full (before anything is
+        computed: the inference service asks before it starts a computation, so a stream is
+        refused with a status too)."""
+        if len(self.waiting) >= self.settings.queue_max:
+            self._rejected("full")
+            raise EngineBusyError(
+                self.loaded.name,
+                f"{len(self.waiting)} requests are waiting for it (batch_queue_max)",
+                retry_after=self._retry_after(),
+            )
 
     def _drop(self, entry: _Waiting) -> None:
         """A waiting job was cancelled: out of the queue, its wait over."""

@@ -29,7 +29,7 @@ from yichui.errors import (
     RequestError,
 )
 from yichui.inference.engine import EngineChunk, EngineRequest, EngineResult, ModelCard
-from yichui.inference.engines.batching import BatchSettings, batcher
+from yichui.inference.engines.batching import Batcher, BatchSettings, batcher
 from yichui.inference.engines.generation import JobQueue, join
 from yichui.inference.pool import LoadedModel, ModelPool
 from yichui.models.registry import ModelRegistry
@@ -57,6 +57,13 @@ class PooledEngine:
         self.batching = batching
         """How requests wait for a model and batch (``engines/batching.py``); None: one at
         a time, no queue bound."""
+
+    def admit(self, target: Target) -> None:
+        """Refuse (503 ``engine_busy``) a new computation for ``target`` whose model's queue
+        is full; a model not loaded yet has no queue."""
+        loaded = self.pool.peek(target.name) if self.batching is not None else None
+        if loaded is not None and isinstance(loaded.batcher, Batcher):
+            loaded.batcher.admit()
 
     def queue(self, loaded: LoadedModel) -> JobQueue | None:
         """Where requests for ``loaded`` wait their turn (its batcher), if batching is on."""
@@ -157,6 +164,11 @@ class PooledModel:
 
     def stream(self, request: EngineRequest) -> AsyncGenerator[EngineChunk, None]:
         return self.engine.generate(self.target, request)
+
+    def admit(self) -> None:
+        """Raise :class:`~yichui.errors.EngineBusyError` if a new computation would find the
+        model's queue full (asked by the inference service before it starts one)."""
+        self.engine.admit(self.target)
 
 
 def check_params(request: EngineRequest) -> None:
