@@ -17,7 +17,7 @@ from tests.tiny_model import build_tiny_model
 from tests.training_fixtures import smollm2_dir  # noqa: F401  (the real model, once a session)
 from yichui.errors import ChatTemplateError, EngineBusyError
 from yichui.inference.engine import EngineRequest, EngineResult, GenerationParams, Message
-from yichui.inference.engines import local
+from yichui.inference.engines import batching, local
 from yichui.inference.engines.batching import BatchSettings, batcher
 from yichui.inference.engines.local import LocalEngine
 from yichui.inference.pool import ModelPool
@@ -117,13 +117,23 @@ async def test_parameters_keep_their_meaning_inside_a_batch(models: ModelRegistr
     assert len(together[2].choices) == 3
 
 
-async def test_a_request_cancelled_inside_a_batch_leaves_the_rest_to_finish(
+async def test_a_request_cancelled_inside_a_batch_frees_its_slot_and_the_rest_finish(
     models: ModelRegistry,
 ) -> None:
+    """A request of 200 tokens cancelled after 2, in a batch with three of 40: the three
+    answer as alone, and the cancelled row leaves the batch at the next chunk boundary: the
+    model computes fewer row-steps than 4 rows x 40."""
     batched, alone = engines(models)
     long = completion(PROMPTS[0], max_tokens=200)
-    others = [completion(p, max_tokens=12) for p in PROMPTS[1:4]]
+    others = [completion(p, max_tokens=40) for p in PROMPTS[1:4]]
     singles = [await alone.complete(r) for r in others]
+    rows = [0]
+
+    def count(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        rows[0] += int(kwargs["input_ids"].shape[0])
+
+    async with batched.pool.use(A, models.root / A, _fingerprint(models)) as loaded:
+        loaded.model.register_forward_pre_hook(count, with_kwargs=True)
 
     async def cancelled() -> int:
         seen = 0
@@ -137,8 +147,15 @@ async def test_a_request_cancelled_inside_a_batch_leaves_the_rest_to_finish(
     results = await asyncio.gather(cancelled(), *(batched.complete(r) for r in others))
     assert results[0] == 2
     assert list(results[1:]) == singles
+    assert rows[0] <= 4 * batching.CHUNK + 3 * (40 - batching.CHUNK) + 4, rows  # < 4 x 40
     # and the model is free again: the next request runs
     assert await batched.complete(others[0]) == singles[0]
+
+
+def _fingerprint(models: ModelRegistry) -> str:
+    from yichui.models.targets import resolve_target
+
+    return resolve_target(models, A).fingerprint
 
 
 async def test_a_request_that_cannot_be_built_fails_alone(
