@@ -113,7 +113,6 @@ class _Waiting:
 class _Outcome:
     errors: dict[int, BaseException] = field(default_factory=dict)
     deferred: list[int] = field(default_factory=list)
-    ran: int = 0
 
 
 class Batcher:
@@ -278,7 +277,6 @@ def run_batch(
             outcome.deferred = ready[n:]
             break
         chosen.append(i)
-    outcome.ran = len(chosen)
     starting(chosen)
     together = [i for i in chosen if _inputs(jobs[i][0]).batchable]
     if len(together) < 2:
