@@ -244,7 +244,7 @@ async def test_greedy_in_a_batch_is_token_identical_on_the_real_model(
     assert count < len(requests)
 
 
-def test_a_models_batcher_is_made_once(models: ModelRegistry) -> None:
+def test_a_models_batcher_is_made_once() -> None:
     settings = BatchSettings()
     loaded: Any = type("Loaded", (), {"batcher": None, "name": A})()
     assert batcher(loaded, settings) is batcher(loaded, settings)

@@ -278,7 +278,7 @@ def run_batch(
             break
         chosen.append(i)
     starting(chosen)
-    together = [i for i in chosen if _inputs(jobs[i][0]).batchable]
+    together = [i for i in chosen if jobs[i][0].prepared().batchable]
     if len(together) < 2:
         together = []
     for i in chosen:
@@ -299,14 +299,9 @@ def run_batch(
     return outcome
 
 
-def _inputs(job: Generation) -> Any:
-    assert job.inputs is not None  # prepared by run_batch
-    return job.inputs
-
-
 def _kv(jobs: list[Generation], per_token: int) -> int:
     rows = sum(job.rows() for job in jobs)
-    longest = max(int(_inputs(job).prompt_tokens) for job in jobs)
+    longest = max(int(job.prepared().prompt_tokens) for job in jobs)
     most = max(job.params.max_tokens for job in jobs)
     return rows * (longest + most) * per_token
 
@@ -333,7 +328,7 @@ def _generate(loaded: LoadedModel, jobs: list[Job]) -> None:
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    seqs = [_inputs(job).tensors["input_ids"][0] for job, _, _ in jobs]
+    seqs = [job.prepared().tensors["input_ids"][0] for job, _, _ in jobs]
     longest = max(int(seq.shape[0]) for seq in seqs)
     rows = [job.rows() for job, _, _ in jobs]
     input_ids = torch.full((sum(rows), longest), pad_id(loaded), dtype=torch.long)
@@ -355,7 +350,7 @@ def _generate(loaded: LoadedModel, jobs: list[Job]) -> None:
                 job.watcher(count, 0, emit),
                 emit,
                 finished,
-                _inputs(job).prompt_tokens,
+                job.prepared().prompt_tokens,
             )
         )
     most = max(job.params.max_tokens for job, _, _ in jobs)

@@ -172,11 +172,9 @@ class Generation:
             return
         params = self.params
         inputs = self.prepared()
-        # greedy choices are all equal: compute one, copy it
-        if params.greedy:
-            rounds = [(1, 0)]  # (rows, first choice)
-        elif inputs.batchable:
-            rounds = [(params.n, 0)]
+        # greedy choices are all equal: one row, copied; sampled ones: n rows, or one by one
+        if params.greedy or inputs.batchable:
+            rounds = [(self.rows(), 0)]  # (rows, first choice)
         else:
             rounds = [(1, i) for i in range(params.n)]
         generator = self.generator()
