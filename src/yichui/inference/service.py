@@ -36,10 +36,10 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from yichui.errors import CoalescedError, ImagesNotAcceptedError, RequestError, describe_error
-from yichui.inference.cache import CacheStatus, ResponseCache
+from yichui.inference.cache import INTERRUPTED, CacheSession, CacheStatus, ResponseCache
 from yichui.inference.cache_key import cache_key, is_deterministic
 from yichui.inference.engine import (
     BoundEngine,
@@ -105,19 +105,50 @@ class Answer:
 
 
 class _Flight:
-    """One computation of one cache key in this process."""
+    """One computation of one cache key in this process. A streamed one keeps its pieces so
+    that every request reading it gets them all, from the first, live (:meth:`read`)."""
 
     def __init__(self, key: str, *, streamed: bool) -> None:
         loop = asyncio.get_running_loop()
         self.key = key
+        self.streamed = streamed
         self.entered: asyncio.Future[tuple[CacheStatus, bytes | None]] = loop.create_future()
         """Set once the cache session is open: its status and a stored body (or None)."""
-        self.chunks: asyncio.Queue[EngineChunk | BaseException | None] | None = (
-            asyncio.Queue() if streamed else None
-        )
-        """The pieces for the request that started a streamed flight, live."""
+        self.session: CacheSession | None = None
+        self.pieces: list[EngineChunk] = []
+        self.ended = False
+        self.error: BaseException | None = None
+        self._more = asyncio.Event()
+        """Set (and replaced) when a piece comes or the flight ends."""
         self.task: asyncio.Task[bytes] | None = None
+        self.watch: asyncio.Task[None] | None = None
+        """While no request of this process reads it: asks whether any elsewhere still do."""
         self.interest = 1  # the request that started it
+
+    def push(self, piece: EngineChunk) -> None:
+        self.pieces.append(piece)
+        self._wake()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.ended, self.error = True, error
+        self._wake()
+
+    def _wake(self) -> None:
+        more, self._more = self._more, asyncio.Event()
+        more.set()
+
+    async def read(self) -> AsyncGenerator[EngineChunk, None]:
+        """Every piece, from the first, as they come; the flight's error at the end."""
+        i = 0
+        while True:
+            while i < len(self.pieces):
+                yield self.pieces[i]
+                i += 1
+            if self.ended:
+                if self.error is not None:
+                    raise self.error
+                return
+            await self._more.wait()  # no await since the checks: nothing can slip in between
 
 
 class InferenceService:
@@ -147,6 +178,7 @@ class InferenceService:
         letting their lock go."""
         self._memo: OrderedDict[str, str] = OrderedDict()
         """Digest of (tenant, path, cache headers, raw body) -> the cache key it resolved to."""
+        self._watches: set[asyncio.Task[None]] = set()
 
     # -- the one entry point --------------------------------------------------------------------
 
@@ -239,6 +271,8 @@ class InferenceService:
     async def close(self) -> None:
         """Cancel the flights still running (at shutdown), and wait for them to let go."""
         self._flights = {}
+        for watch in list(self._watches):
+            watch.cancel()
         tasks = list(self.running)
         for task in tasks:
             task.cancel()
@@ -283,9 +317,34 @@ class InferenceService:
         task = flight.task
         if flight.interest > 0 or task is None or task.done():
             return
+        session = flight.session
+        if flight.streamed and session is not None and session.publishing:
+            if flight.watch is None:  # read live elsewhere, perhaps: then it goes on for them
+                flight.watch = asyncio.create_task(self._orphaned(flight, session))
+                self._watches.add(flight.watch)
+            return
+        self._drop(flight)
+
+    def _drop(self, flight: _Flight) -> None:
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]  # nobody may join it now
-        task.cancel()
+        if flight.task is not None:
+            flight.task.cancel()
+
+    async def _orphaned(self, flight: _Flight, session: CacheSession) -> None:
+        """Keep a live flight without readers here going while requests in other processes
+        read it (asked twice a second); cancel it once nobody does."""
+        task = flight.task
+        try:
+            while task is not None and not task.done() and flight.interest <= 0:
+                if await session.remote_readers() == 0:
+                    if flight.interest <= 0:
+                        self._drop(flight)
+                    return
+                await asyncio.sleep(0.5)
+        finally:
+            self._watches.discard(asyncio.current_task())
+            flight.watch = None
 
     async def _fly(
         self,
@@ -307,31 +366,43 @@ class InferenceService:
             looked_up=True,  # answer() just missed (or refreshes)
             reachable=reachable,  # a fault just now: bypass, ask Redis nothing more
             endpoint=endpoint,
+            live=flight.streamed,
         )
+        flight.session = session
+        n = request.params.n
         try:
             async with session:
                 flight.entered.set_result((session.status, session.body))
                 if session.body is not None:
                     return session.body
-                if flight.chunks is None:
-                    result, finished = await self._complete(bound, request), True
+                if session.live is not None:  # streamed by another process: relayed live
+                    async with contextlib.aclosing(session.live) as remote:
+                        result, _ = await _pump(_pieces(remote), n, flight.push)
+                    body = session.body if session.body is not None else render(result)
+                elif not flight.streamed:
+                    result = await self._complete(bound, request)
+                    body = render(result)
+                    await session.commit(body, cacheable=_complete(result))
                 else:
+
+                    def emit(chunk: EngineChunk) -> None:
+                        flight.push(chunk)
+                        session.publish(_piece(chunk))
+
                     chunks = self._timed(bound, request)
-                    result, finished = await _pump(chunks, request.params.n, flight.chunks)
-                body = render(result)
-                # stored before the last piece goes out: a client gone now loses nothing
-                await session.commit(body, cacheable=finished and _complete(result))
+                    result, finished = await _pump(chunks, n, emit)
+                    body = render(result)
+                    # stored before the last piece goes out: a client gone now loses nothing
+                    await session.commit(body, cacheable=finished and _complete(result))
         except BaseException as exc:
             if not flight.entered.done():
                 flight.entered.set_exception(exc)
                 flight.entered.exception()  # retrieved: the starter may be gone
-            if flight.chunks is not None:
-                flight.chunks.put_nowait(exc)
+            flight.finish(exc)
             if not isinstance(exc, asyncio.CancelledError | CoalescedError):
                 log.debug("computing %s failed: %r", flight.key[:12], exc)
             raise
-        if flight.chunks is not None:
-            flight.chunks.put_nowait(None)
+        flight.finish()
         return body
 
     async def _lead(self, flight: _Flight) -> Answer:
@@ -341,7 +412,7 @@ class InferenceService:
         except BaseException:
             self._release(flight)
             raise
-        if stored is not None or flight.chunks is None:
+        if stored is not None or not flight.streamed:
             try:
                 body = stored if stored is not None else await asyncio.shield(_task(flight))
             finally:
@@ -349,14 +420,24 @@ class InferenceService:
             return Answer(status, flight.key, body)
         return Answer(status, flight.key, chunks=self._follow(flight))
 
-    async def _follow(self, flight: _Flight) -> AsyncGenerator[EngineChunk, None]:
-        """The live pieces of a streamed flight, for the request that started it."""
-        assert flight.chunks is not None
+    async def _follow(
+        self, flight: _Flight, labels: tuple[str, str] | None = None
+    ) -> AsyncGenerator[EngineChunk, None]:
+        """The live pieces of a streamed flight, for the request that started it, or (with
+        the ``labels`` of its counts) one that joined it: that one gets the flight's error as
+        a :class:`CoalescedError`."""
         try:
-            while (item := await flight.chunks.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async for piece in flight.read():
+                yield piece
+        except asyncio.CancelledError:
+            if labels is None or _cancelled_here():
+                raise
+            raise CoalescedError(INTERRUPTED) from None  # the flight was, not this request
+        except Exception as exc:
+            if labels is None or isinstance(exc, CoalescedError):
+                raise
+            self.cache.count("coalesced_errors", *labels)
+            raise CoalescedError(describe_error(exc)) from exc
         finally:
             self._release(flight)
 
@@ -369,11 +450,20 @@ class InferenceService:
         render: Render,
         endpoint: str,
     ) -> Answer:
-        """An identical request waits for ``flight`` (at most ``wait`` seconds)."""
+        """An identical request waits for ``flight`` (at most ``wait`` seconds); a streamed
+        one reads a streamed flight's pieces live, from the first."""
         flight.interest += 1
         model = bound.card.id
+        following = False
         try:
             async with asyncio.timeout(self.wait):
+                if stream and flight.streamed:
+                    _, stored = await asyncio.shield(flight.entered)
+                    if stored is None:
+                        following = True
+                        self.cache.count("coalesced", endpoint, model)
+                        chunks = self._follow(flight, (endpoint, model))
+                        return Answer(CacheStatus.COALESCED, flight.key, chunks=chunks)
                 body = await asyncio.shield(_task(flight))
         except TimeoutError:
             self.cache.count("coalesce_timeouts", endpoint, model)
@@ -384,7 +474,8 @@ class InferenceService:
             self.cache.count("coalesced_errors", endpoint, model)
             raise CoalescedError(describe_error(exc)) from exc
         finally:
-            self._release(flight)
+            if not following:
+                self._release(flight)
         self.cache.count("coalesced", endpoint, model)
         return Answer(CacheStatus.COALESCED, flight.key, body)
 
@@ -438,10 +529,32 @@ async def _own(chunks: AsyncIterator[EngineChunk]) -> AsyncGenerator[EngineChunk
             await closer()
 
 
+def _piece(chunk: EngineChunk) -> dict[str, Any]:
+    """A piece of a streamed answer as the live stream carries it (see :func:`_pieces`)."""
+    piece: dict[str, Any] = {"i": chunk.index, "t": chunk.text}
+    if chunk.finish_reason is not None:
+        piece["f"] = chunk.finish_reason
+    if chunk.usage is not None:
+        piece["u"] = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
+    return piece
+
+
+async def _pieces(live: AsyncIterator[dict[str, Any]]) -> AsyncGenerator[EngineChunk, None]:
+    """The pieces read from a live stream, as engine chunks again."""
+    async for p in live:
+        usage = Usage(int(p["u"][0]), int(p["u"][1])) if "u" in p else None
+        yield EngineChunk(int(p["i"]), str(p.get("t", "")), p.get("f"), usage)
+
+
+def _cancelled_here() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def _pump(
     stream: AsyncGenerator[EngineChunk, None],
     n: int,
-    out: asyncio.Queue[EngineChunk | BaseException | None],
+    out: Callable[[EngineChunk], None],
 ) -> tuple[EngineResult, bool]:
     """Run a streamed answer of ``n`` choices, passing each piece on to ``out`` -> the whole
     answer, and whether the engine finished every choice."""
@@ -455,7 +568,7 @@ async def _pump(
             texts[chunk.index] += chunk.text
             if chunk.finish_reason is not None:
                 finish[chunk.index] = chunk.finish_reason
-            out.put_nowait(chunk)
+            out(chunk)
     reasons: list[Literal["stop", "length"]] = [
         "length" if f == "length" else "stop" for f in finish
     ]

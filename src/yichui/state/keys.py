@@ -105,6 +105,18 @@ class Keys:
         """STRING, owner token of the one request computing this answer (coalescing)."""
         return self._k("response_lock", _quote(model), "{" + digest + "}")
 
+    def response_live(self, model: str, digest: str) -> str:
+        """STREAM, the pieces of a streamed answer as they are generated, for requests waiting
+        for it in other processes (live fan-out): a start entry ``s`` (the lock's token),
+        pieces ``c`` (JSON list, ``n`` the index of the first), an end entry ``e``. Lives while
+        the answer is computed, then 30 s."""
+        return self._k("response_live", _quote(model), "{" + digest + "}")
+
+    def response_readers(self, model: str, digest: str) -> str:
+        """ZSET, token -> expiry (epoch s) of each request in another process reading a live
+        answer: while any is fresh, the computation goes on without its own client."""
+        return self._k("response_readers", _quote(model), "{" + digest + "}")
+
     def response_pattern(self, model: str | None = None) -> str:
         """SCAN MATCH pattern of every entry (of one model)."""
         body = "response:" + (_glob_escape(_quote(model)) + ":" if model else "") + "*"

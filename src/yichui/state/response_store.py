@@ -16,27 +16,85 @@ from yichui.state.connection import AsyncRedis
 from yichui.state.events import subscribe
 from yichui.state.keys import Keys
 
-# KEYS[1] entry, KEYS[2] lock; ARGV[1] value, [2] ttl s, [3] token, [4] channel, [5] event
-# Store the answer, release our lock and tell the waiters, in one step.
-_STORE = """
+# The live stream of an answer (fan-out) belongs to whoever holds the lock: its first entry
+# is ``s`` = the lock's token, and only that token appends to it or ends it.
+_OURS = """
+local function ours(stream, token)
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+  return first ~= nil and first[2][1] == 's' and first[2][2] == token
+end
+"""
+# KEYS[1] entry, KEYS[2] lock, KEYS[3] live; ARGV[1] value, [2] ttl s, [3] token, [4] channel,
+# [5] event, [6] end entry, [7] linger ms
+# Store the answer, release our lock, end our live stream and tell the waiters, in one step.
+_STORE = (
+    _OURS
+    + """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if ours(KEYS[3], ARGV[3]) then
+  redis.call('XADD', KEYS[3], '*', 'e', ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
-# KEYS[1] lock; ARGV[1] token, [2] channel, [3] event: the computation failed (nothing stored)
-_FAIL = """
+)
+# KEYS[1] lock, KEYS[2] live; ARGV[1] token, [2] channel, [3] event, [4] end entry, [5] linger
+# ms: the computation ended without storing (failed, interrupted, or not to be stored)
+_FAIL = (
+    _OURS
+    + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ours(KEYS[2], ARGV[1]) then
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
-# KEYS[1] lock; ARGV[1] token, [2] lease ms
+)
+# KEYS[1] lock, KEYS[2] live; ARGV[1] token, [2] lease ms
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], 2 * ARGV[2])
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
+# KEYS[1] lock, KEYS[2] entry, KEYS[3] live, KEYS[4] readers; ARGV[1] token, [2] lease ms,
+# [3] '1': not if the answer is stored, [4] '1': live
+# Take the lock unless the answer was stored meanwhile (2), and open a fresh live stream if
+# asked (an older one, and its readers, are dropped).
+_LOCK = """
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[3], KEYS[4])
+  redis.call('XADD', KEYS[3], '*', 's', ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], 2 * ARGV[2])
+end
+return 1
+"""
+# KEYS[1] live; ARGV[1] token, [2] index of the first piece, [3] pieces (JSON), [4] lease ms
+_APPEND = (
+    _OURS
+    + """
+if not ours(KEYS[1], ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'n', ARGV[2], 'c', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], 2 * ARGV[4])
+return 1
+"""
+)
+
+ANSWERED = ""
+"""What :meth:`ResponseStore.lock` returns when the answer was stored before it could lock."""
+
+LIVE_LINGER_MS = 30_000
+"""How long a live stream stays readable after its end entry."""
+
+LiveEntry = tuple[bytes, dict[bytes, bytes]]
+"""One entry of a live stream: its id and fields."""
 
 
 class ResponseStore:
@@ -49,6 +107,8 @@ class ResponseStore:
         self._store = client.register_script(_STORE)
         self._fail = client.register_script(_FAIL)
         self._renew = client.register_script(_RENEW)
+        self._lock = client.register_script(_LOCK)
+        self._append = client.register_script(_APPEND)
 
     async def get(self, model: str, digest: str) -> tuple[dict[str, Any], bytes] | None:
         """-> (metadata, body bytes), or None on a miss (or an entry of another layout)."""
@@ -62,23 +122,68 @@ class ResponseStore:
         return meta, body
 
     async def lock(
-        self, model: str, digest: str, lease_ms: int, token: str | None = None
+        self,
+        model: str,
+        digest: str,
+        lease_ms: int,
+        token: str | None = None,
+        *,
+        live: bool = False,
+        unless_stored: bool = False,
     ) -> str | None:
         """Become the one computing this answer -> our token (``token``, or a new one), or None
-        if someone else is. A caller that may be interrupted passes its token, so that it can
-        still release a lock whose reply it never read."""
+        if someone else is; with ``unless_stored``, :data:`ANSWERED` if it is stored already
+        (it was computed since we looked). A caller that may be interrupted passes its token,
+        so that it can still release a lock whose reply it never read. ``live``: the answer is
+        streamed, and its pieces will be appended to a fresh live stream (:meth:`append`) that
+        requests elsewhere read as they come (:meth:`read_live`)."""
         token = token or secrets.token_hex(12)
-        ok = await self.client.set(
-            self.keys.response_lock(model, digest), token, nx=True, px=lease_ms
-        )
-        return token if ok else None
+        keys = [self.keys.response_lock(model, digest), self.keys.response(model, digest)]
+        keys += [self.keys.response_live(model, digest), self.keys.response_readers(model, digest)]
+        flags = ["1" if unless_stored else "0", "1" if live else "0"]
+        got = int(await self._lock(keys=keys, args=[token, lease_ms, *flags]))
+        return token if got == 1 else ANSWERED if got == 2 else None
 
     async def renew(self, model: str, digest: str, token: str, lease_ms: int) -> bool:
-        key = self.keys.response_lock(model, digest)
-        return bool(await self._renew(keys=[key], args=[token, lease_ms]))
+        keys = [self.keys.response_lock(model, digest), self.keys.response_live(model, digest)]
+        return bool(await self._renew(keys=keys, args=[token, lease_ms]))
 
     async def locked(self, model: str, digest: str) -> bool:
         return bool(await self.client.exists(self.keys.response_lock(model, digest)))
+
+    # -- live streams (fan-out) -----------------------------------------------------------------
+    async def append(
+        self, model: str, digest: str, token: str, first: int, pieces: bytes, lease_ms: int
+    ) -> bool:
+        """Append pieces ``first``… (a JSON list) to our live stream -> False if it is not ours
+        any more (our lock lapsed and someone else computes the answer now)."""
+        key = self.keys.response_live(model, digest)
+        return bool(await self._append(keys=[key], args=[token, first, pieces, lease_ms]))
+
+    async def read_live(
+        self, model: str, digest: str, after: bytes, block_ms: int | None = None
+    ) -> list[LiveEntry]:
+        """The live stream's entries after id ``after`` (``b"0"``: all), waiting up to
+        ``block_ms`` for one; [] if there are none (or no stream)."""
+        key = self.keys.response_live(model, digest)
+        resp = await self.client.xread({key: after}, count=1000, block=block_ms)
+        return [(bytes(i), f) for _, rows in resp or () for i, f in rows]
+
+    async def add_reader(self, model: str, digest: str, token: str, until: float) -> None:
+        """A request elsewhere reads the live answer until epoch ``until`` (refreshed)."""
+        key = self.keys.response_readers(model, digest)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(key, {token: until})
+        pipe.expire(key, 3600)
+        await pipe.execute()
+
+    async def drop_reader(self, model: str, digest: str, token: str) -> None:
+        await self.client.zrem(self.keys.response_readers(model, digest), token)
+
+    async def readers(self, model: str, digest: str, now: float) -> int:
+        """How many requests elsewhere read the live answer (registrations fresh at ``now``)."""
+        key = self.keys.response_readers(model, digest)
+        return int(await self.client.zcount(key, now, "+inf"))
 
     async def put(
         self,
@@ -92,19 +197,30 @@ class ResponseStore:
         """Store, release our lock (if we hold it) and publish ``ok`` to the waiters."""
         event = dumps({"key": digest, "ok": True}).decode()
         value = dumps(dict(meta)) + b"\n" + body
+        keys = [self.keys.response(model, digest), self.keys.response_lock(model, digest)]
+        keys.append(self.keys.response_live(model, digest))
+        end = dumps({"ok": True, "stored": True})
         await self._store(
-            keys=[self.keys.response(model, digest), self.keys.response_lock(model, digest)],
-            args=[value, ttl, token or "", self.keys.response_events(), event],
+            keys=keys,
+            args=[value, ttl, token or "", self.keys.response_events(), event, end, LIVE_LINGER_MS],
         )
 
     async def fail(
-        self, model: str, digest: str, token: str, error: Mapping[str, Any] | None
+        self,
+        model: str,
+        digest: str,
+        token: str,
+        error: Mapping[str, Any] | None,
+        *,
+        end: Mapping[str, Any] | None = None,
     ) -> None:
-        """Release our lock and tell the waiters the computation failed (with its error)."""
+        """Release our lock and tell the waiters the computation failed (with its error); our
+        live stream ends with ``end`` (default: that error)."""
         event = dumps({"key": digest, "ok": False, "error": error}).decode()
+        last = dumps(end if end is not None else {"ok": False, "error": error})
+        keys = [self.keys.response_lock(model, digest), self.keys.response_live(model, digest)]
         await self._fail(
-            keys=[self.keys.response_lock(model, digest)],
-            args=[token, self.keys.response_events(), event],
+            keys=keys, args=[token, self.keys.response_events(), event, last, LIVE_LINGER_MS]
         )
 
     def events(self) -> AsyncIterator[dict[str, Any]]:
