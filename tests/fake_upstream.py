@@ -13,7 +13,8 @@ Switches (set them on the object; :meth:`FakeUpstream.reset` puts them back):
 * ``fail_status`` / ``fail_body``: answer every request with that status and body (a dict is
   sent as JSON, a string as text);
 * ``delay``: seconds to wait before answering; ``chunk_delay``: seconds between stream chunks;
-* ``cut_stream``: end the stream after the first word, without ``[DONE]``;
+* ``cut_stream``: end the stream after the first word, without ``[DONE]`` (``cut_after``: after
+  that many words);
 * ``garbage``: answer 200 with a body that is not JSON;
 * ``api_key``: require ``Authorization: Bearer <api_key>`` (401 with an OpenAI error body that
   quotes the key it got otherwise, as OpenAI itself does);
@@ -57,6 +58,7 @@ class FakeUpstream:
     delay: float = 0.0
     chunk_delay: float = 0.0
     cut_stream: bool = False
+    cut_after: int = 0
     garbage: bool = False
     api_key: str | None = None
     requests: list[Received] = field(default_factory=list)
@@ -73,6 +75,7 @@ class FakeUpstream:
         self.delay = 0.0
         self.chunk_delay = 0.0
         self.cut_stream = False
+        self.cut_after = 0
         self.garbage = False
         self.api_key = None
         self.requests.clear()
@@ -222,10 +225,12 @@ def build_app(state: FakeUpstream) -> FastAPI:
                         for i in range(len(answers))
                     ]
                 )
+            sent = 0
             for i, (text, finish, _) in enumerate(answers):
                 for piece in _pieces(text):
                     yield event([delta(i, piece)])
-                    if state.cut_stream:
+                    sent += 1
+                    if state.cut_stream or sent == state.cut_after:
                         return
                     if state.chunk_delay:
                         await asyncio.sleep(state.chunk_delay)

@@ -1,0 +1,235 @@
+"""Live stream fan-out across two real ``yichui serve`` processes on one real Redis: a streamed
+answer's pieces reach every coalesced streaming request as they are produced, in any process,
+from the first piece; the computation outlives its own client; a failure reaches every reader
+once; nothing is stored unless the stream completed. The upstream is the test double of an
+OpenAI-compatible server (``tests/fake_upstream.py``), streaming one word per piece."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.api_server import ServerProcess
+from tests.fake_upstream import FakeUpstream, answer_texts, fake_upstream
+from tests.redis_proc import RedisProcess
+
+KEY = "key-fanout"
+PROMPT = " ".join(f"w{i}" for i in range(40))  # the fake answers its words reversed
+MESSAGES = [{"role": "user", "content": PROMPT}]
+EXPECTED = answer_texts({"messages": MESSAGES, "max_tokens": 64}, chat=True)[0][0]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with fake_upstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def servers(
+    redis_server: RedisProcess, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[ServerProcess]]:
+    made = []
+    try:
+        for _ in range(2):
+            made.append(
+                ServerProcess(
+                    tmp_path_factory.mktemp("serve"),
+                    redis_url=redis_server.url,
+                    upstreams={"echo": {"url": upstream.url, "model": "echo-up"}},
+                    auth="keys",
+                    api_keys={hashlib.sha256(KEY.encode()).hexdigest(): "team-a"},
+                    cache_timeout=1.0,
+                ).start()
+            )
+        yield made
+    finally:
+        for server in made:
+            server.stop()
+
+
+@pytest.fixture
+def fresh(redis_url: str, upstream: FakeUpstream, servers: list[ServerProcess]) -> FakeUpstream:
+    for server in servers:
+        server.forget_cached(redis_url)
+    upstream.reset()
+    return upstream
+
+
+def stored_entries(redis_url: str) -> int:
+    with redis.Redis.from_url(redis_url) as client:
+        return sum(1 for _ in client.scan_iter(match="response:*"))
+
+
+@dataclass
+class Streamed:
+    """What one streaming client received."""
+
+    status: int = 0
+    cache: str = ""
+    pieces: list[str] = field(default_factory=list)
+    errors: list[dict[str, object]] = field(default_factory=list)
+    done: int = 0
+    stored_at_first: int | None = None
+    """Entries stored in Redis when this client's first piece came (0: it came live)."""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def stream(
+    server: ServerProcess,
+    got: Streamed,
+    *,
+    leave: Callable[[], bool] | None = None,
+    on_piece: Callable[[Streamed], None] | None = None,
+) -> None:
+    """POST a streamed chat request and read its server-sent events into ``got`` (leaving
+    as soon as ``leave()`` says so after a piece: the client goes away mid-stream)."""
+    body = {
+        "model": "echo",
+        "messages": MESSAGES,
+        "temperature": 0,
+        "max_tokens": 64,
+        "stream": True,
+    }
+    headers = {"authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as r,
+    ):
+        got.status, got.cache = r.status_code, r.headers.get("x-yichui-cache", "")
+        if r.status_code != 200:  # failed before its stream began: an OpenAI error body
+            got.errors.append(json.loads(r.read())["error"])
+            return
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                got.done += 1
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                got.errors.append(event["error"])
+                continue
+            for choice in event["choices"]:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    got.pieces.append(text)
+                    if on_piece is not None:
+                        on_piece(got)
+            if leave is not None and got.pieces and leave():
+                return  # closes the connection unread: the client is gone
+
+
+def started(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_followers_in_two_processes_read_live_and_outlive_the_leader(
+    servers: list[ServerProcess], fresh: FakeUpstream, redis_url: str
+) -> None:
+    a, b = servers
+    fresh.chunk_delay = 0.05  # 40 pieces: about 2 s of generation
+
+    def note_first(got: Streamed) -> None:
+        if got.stored_at_first is None:
+            got.stored_at_first = stored_entries(redis_url)
+
+    leader = Streamed()
+    followers = [Streamed() for _ in range(3)]  # one in the leader's process, two in the other
+    # the leader's client goes away once every follower has had a piece
+    leading = started(lambda: stream(a, leader, leave=lambda: all(f.pieces for f in followers)))
+    wait_for(lambda: len(leader.pieces) >= 1)
+    threads = [
+        started(lambda got=got, server=server: stream(server, got, on_piece=note_first))
+        for got, server in zip(followers, (a, b, b), strict=True)
+    ]
+    whole: list[str] = []
+    threads.append(
+        started(
+            lambda: whole.append(
+                b.openai(api_key=KEY)
+                .chat.completions.create(
+                    model="echo", messages=MESSAGES, temperature=0, max_tokens=64
+                )
+                .choices[0]
+                .message.content
+                or ""
+            )
+        )
+    )
+    leading.join(10)
+    assert EXPECTED.startswith(leader.text) and len(leader.pieces) < 30, leader  # left early
+    time.sleep(0.5)  # the leader's client is gone: a late follower still gets it all
+    late = Streamed()
+    threads.append(started(lambda: stream(b, late, on_piece=note_first)))
+    for thread in threads:
+        thread.join(30)
+
+    for got in [*followers, late]:
+        assert got.status == 200 and got.cache == "coalesced", got
+        assert got.text == EXPECTED, got  # complete, in order, once
+        assert got.errors == [] and got.done == 1, got
+        assert len(got.pieces) > 1, got  # live pieces, not the stored answer replayed
+        assert got.stored_at_first == 0, got  # its first piece came before the answer was whole
+    assert whole == [EXPECTED]
+    assert len(fresh.requests) == 1  # computed once, for everyone
+    assert stored_entries(redis_url) == 1  # and stored once, although its starter left
+    again = Streamed()
+    stream(a, again)
+    assert (again.cache, again.text) == ("hit", EXPECTED)
+
+
+def test_a_failing_leader_gives_every_follower_its_error_once(
+    servers: list[ServerProcess], fresh: FakeUpstream, redis_url: str
+) -> None:
+    a, b = servers
+    fresh.chunk_delay, fresh.cut_after = 0.1, 6  # the upstream breaks off after 6 pieces
+    leader = Streamed()
+    leading = started(lambda: stream(a, leader))
+    wait_for(lambda: len(leader.pieces) >= 1)
+    followers = [Streamed() for _ in range(3)]
+    threads = [
+        started(lambda got=got, server=server: stream(server, got))
+        for got, server in zip(followers, (a, b, b), strict=True)
+    ]
+    failed: list[Exception] = []
+
+    def whole() -> None:
+        try:
+            b.openai(api_key=KEY).chat.completions.create(
+                model="echo", messages=MESSAGES, temperature=0, max_tokens=64
+            )
+        except openai.APIError as exc:
+            failed.append(exc)
+
+    threads.append(started(whole))
+    for thread in [leading, *threads]:
+        thread.join(30)
+    for got in [leader, *followers]:
+        # the error once: as the stream's error event, or as the status of one not begun yet
+        assert got.status in (200, 502) and len(got.errors) == 1 and got.done == 0, got
+        assert EXPECTED.startswith(got.text) and len(got.pieces) <= 6, got
+    assert len(failed) == 1 and isinstance(failed[0], openai.APIStatusError)
+    assert len(fresh.requests) == 1  # the failure was shared, not retried by each
+    assert stored_entries(redis_url) == 0  # a broken stream is never a cached answer
