@@ -119,6 +119,11 @@ def upstream_child(delay: float) -> int:
         state.delay = seconds
         return {"delay": seconds}
 
+    @app.post("/_bench/chunk_delay/{seconds}")  # bench/fanout.py: seconds between pieces
+    async def set_chunk_delay(seconds: float) -> dict[str, float]:
+        state.chunk_delay = seconds
+        return {"chunk_delay": seconds}
+
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -146,6 +151,9 @@ class Upstream:
 
     def set_delay(self, seconds: float) -> None:
         self.http.post(f"/_bench/delay/{seconds}").raise_for_status()
+
+    def set_chunk_delay(self, seconds: float) -> None:
+        self.http.post(f"/_bench/chunk_delay/{seconds}").raise_for_status()
 
 
 @contextlib.contextmanager
