@@ -76,6 +76,9 @@ class UpstreamRoute(BaseModel):
     """Whether the same seed gives the same output there (vLLM: yes): seeded requests are then
     cached."""
     accepts_images: bool = False
+    max_connections: int = Field(default=100, ge=1, le=100_000)
+    """Connections to that server at once (requests beyond wait for one): at least the
+    requests it serves together at full load. Per base URL: the first route to it sets it."""
 
 
 ROLES = ("user", "admin")

@@ -20,6 +20,7 @@ from yichui.runtime import Runtime
 EXTRAS = {
     "ml": ("torch", "transformers", "safetensors", "gguf", "peft", "accelerate"),
     "hub": ("huggingface_hub", "modelscope"),
+    "bench": ("matplotlib",),
 }
 
 

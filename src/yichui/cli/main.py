@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from yichui import __version__
 from yichui.cli import (
+    bench_cmd,
     cache_cmd,
     chat,
     doctor,
@@ -51,6 +52,7 @@ app.command("doctor")(doctor.doctor)
 app.command("up")(up.up)
 app.command("ps")(ps.ps)
 app.add_typer(keys.app, name="keys")
+app.add_typer(bench_cmd.app, name="bench")
 
 
 def _version(value: bool) -> None:

@@ -51,6 +51,8 @@ def serve(
     if base is not None and base + workers - 1 > 65535:
         raise ConfigError(f"worker metrics ports {base}..{base + workers - 1} run past 65535")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # httpx logs every upstream call at INFO: a line (and its cost) per proxied request
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     config = ctx.find_root().params.get("config")
     extra = ["--config", str(config)] if config else []
     # the same settings as ours: the same --config (and the same environment); if we die, even

@@ -48,7 +48,8 @@ from yichui.inference.engine import (
 CONNECT_TIMEOUT = 5.0
 """Seconds to open a connection to an upstream."""
 MAX_CONNECTIONS = 100
-"""Connections one base URL's pool keeps open at most (requests beyond wait for one)."""
+"""The default of a route's ``max_connections``: connections one base URL's pool keeps open
+at most (requests beyond wait for one)."""
 MAX_KEEPALIVE = 20
 """Idle keep-alive connections one pool keeps."""
 FINGERPRINT_PREFIX = "up1-"
@@ -205,8 +206,11 @@ class UpstreamEngine:
         if client is None:
             client = httpx.AsyncClient(
                 limits=httpx.Limits(
-                    max_connections=MAX_CONNECTIONS,
-                    max_keepalive_connections=MAX_KEEPALIVE,
+                    max_connections=route.max_connections,
+                    # all of them kept alive when raised: a loaded server keeps them busy
+                    max_keepalive_connections=route.max_connections
+                    if route.max_connections > MAX_CONNECTIONS
+                    else min(MAX_KEEPALIVE, route.max_connections),
                 ),
                 timeout=_timeout(route),
                 follow_redirects=False,
