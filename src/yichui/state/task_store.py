@@ -359,6 +359,16 @@ class TaskStore:
             return 0
         return int(summary.get("pending", 0) or 0)
 
+    def holds_pending(self, queue: str, consumer: str) -> bool:
+        """Whether ``consumer`` holds an entry of ``queue`` it has read and not acknowledged."""
+        try:
+            rows = self.client.xpending_range(
+                self.keys.task_queue(queue), GROUP, min="-", max="+", count=1, consumername=consumer
+            )
+        except redis.ResponseError:  # no group yet
+            return False
+        return bool(rows)
+
     def now(self) -> float:
         """The Redis clock, in seconds (heartbeats are written on it)."""
         seconds, micros = self.client.time()

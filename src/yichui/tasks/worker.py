@@ -278,7 +278,10 @@ class Worker:
             if self._inflight:
                 return False
         try:
-            return self.store.backlog(self.queue) == 0
+            # an entry a slot has just read is pending for us before the slot counts it in
+            # flight: not done while we hold one
+            idle = self.store.backlog(self.queue) == 0
+            return idle and not self.store.holds_pending(self.queue, self.id)
         except _ERRORS:
             return False
 
