@@ -149,7 +149,7 @@ def test_followers_in_two_processes_read_live_and_outlive_the_leader(
     servers: list[ServerProcess], fresh: FakeUpstream, redis_url: str
 ) -> None:
     a, b = servers
-    fresh.chunk_delay = 0.05  # 40 pieces: about 2 s of generation
+    fresh.chunk_delay = 0.1  # 40 pieces: about 4 s of generation
 
     def note_first(got: Streamed) -> None:
         if got.stored_at_first is None:
@@ -180,7 +180,8 @@ def test_followers_in_two_processes_read_live_and_outlive_the_leader(
     )
     leading.join(10)
     assert EXPECTED.startswith(leader.text) and len(leader.pieces) < 30, leader  # left early
-    time.sleep(0.5)  # the leader's client is gone: a late follower still gets it all
+    # the leader's client is gone and generation goes on; a late follower still gets it all
+    wait_for(lambda: len(followers[1].pieces) >= len(leader.pieces) + 3)
     late = Streamed()
     threads.append(started(lambda: stream(b, late, on_piece=note_first)))
     for thread in threads:
