@@ -56,6 +56,22 @@ test: check-redis lint typecheck pytest  ## what CI runs
 quick: check-redis install-dev           ## the inner loop: pytest without the slow end-to-end tests
 	$(BIN)/pytest -m "not slow" -x -q
 
+# the ms-swift environment (docs/ms-swift.md): ms-swift pins transformers<5.20 and an older
+# huggingface_hub, so it gets a venv of its own, which yichui runs through the swift_python
+# setting (the tests find it here); the pins are in requirements-swift.txt
+SWIFT_VENV ?= .venv-swift
+
+$(SWIFT_VENV)/.installed: requirements-swift.txt
+	@$(PYTHON) tools/prereqs.py venv
+	$(PYTHON) -m venv $(SWIFT_VENV)
+	$(SWIFT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SWIFT_VENV)/bin/pip install $(PIP_ARGS) --quiet -r requirements-swift.txt
+	touch $@
+
+.PHONY: swift
+swift: $(SWIFT_VENV)/.installed          ## ms-swift 4.6.0 + EvalScope in .venv-swift (YICHUI_SWIFT_PYTHON)
+pytest: swift
+
 # bench/tasks.py compares the task engine with arq and RQ. They are no extras of the package, and
 # --no-deps: arq 0.28 declares redis<6 (it runs on our redis-py 8); all either needs at import is
 # redis (RQ's croniter is for its cron scheduler only, which the bench does not use).
@@ -76,7 +92,7 @@ bench: $(VENV)/.bench-installed          ## benchmarks: model status cache, task
 	$(BIN)/python bench/loadtest.py --out bench-out/loadtest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info bench-out
+	rm -rf $(VENV) $(SWIFT_VENV) .mypy_cache .pytest_cache .ruff_cache src/*.egg-info bench-out
 
 # promtool (Debian's prometheus package) for tests/test_deploy.py: installed when missing and make
 # runs as root (CI), else a one-line hint (the test then fails with the same hint)

@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.hub_fixtures",
     "tests.task_fixtures",
     "tests.training_fixtures",
+    "tests.swift_fixtures",
     "tests.suite_checks",
 ]  # fake hub and SDK isolation fixtures; checks on the whole run
 

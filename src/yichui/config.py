@@ -267,6 +267,10 @@ class Settings(BaseSettings):
     train_master_port: int = Field(default=0, ge=0, le=65535)
     """Rendezvous port (0: a free one; set it for several nodes)."""
 
+    swift_python: Path | None = None
+    """Interpreter of the environment ms-swift (and EvalScope) is installed in (``make swift``:
+    ``.venv-swift/bin/python``). Unset: the one behind a ``swift`` on PATH, else this one's."""
+
     mirror_dir: Path | None = None
     """A local mirror folder laid out as ``<org>/<name>/…`` (a NAS "hub"): source ``mirror``."""
     hf_endpoint: str | None = None

@@ -32,6 +32,7 @@ it with (``status``) and the exit code the CLI ends with (``exit_code``)::
     │   └── TaskFailedError                           500  raised by task code to fail on purpose
     ├── TrainingError                                 400  fine-tuning, merging, evaluation
     │   └── DatasetError (ValueError)                 400  a JSONL dataset missing or malformed
+    ├── SwiftMissingError                             501  ms-swift (or EvalScope) is not there
     └── InferenceError                                500  running a model
         ├── UpstreamError                         502/504  an upstream failed (``status`` and
         │                                                  ``body`` per instance; its 4xx as is)
@@ -350,6 +351,13 @@ class DatasetError(TrainingError, ValueError):
 
 
 _DATASET_HINT = "see docs/training.md#datasets for the record shapes"
+
+
+class SwiftMissingError(YichuiError):
+    """The ms-swift environment (``swift_python``) is missing, broken or lacks a package."""
+
+    status = 501
+    retryable = False
 
 
 class InferenceError(YichuiError):

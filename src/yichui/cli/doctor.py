@@ -13,9 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from yichui.cli.output import JsonOpt, console, human_size, print_json
-from yichui.errors import SourceNotFoundError, YichuiError
+from yichui.errors import SourceNotFoundError, SwiftMissingError, YichuiError
 from yichui.models.importer import bundled_gguf
 from yichui.runtime import Runtime
+from yichui.swift_env import TESTED, swift_env
 
 EXTRAS = {
     "ml": ("torch", "transformers", "safetensors", "gguf", "peft", "accelerate"),
@@ -83,7 +84,25 @@ def run_checks(rt: Runtime) -> list[Check]:
         checks.append(Check("bundled model", True, str(bundled_gguf()), required=False))
     except SourceNotFoundError as exc:
         checks.append(Check("bundled model", False, exc.message, required=False))
+    checks.append(_swift_check(rt))
     return checks
+
+
+def _swift_check(rt: Runtime) -> Check:
+    """The ms-swift environment (``swift_python``): its interpreter and versions; a version the
+    tests did not run is a warning."""
+    try:
+        env = swift_env(rt.settings)
+    except SwiftMissingError as exc:
+        return Check("ms-swift", False, exc.message + (f"; {exc.hint}" if exc.hint else ""), False)
+    found = ", ".join(f"{k} {v}" for k, v in env.versions.items() if v is not None)
+    detail = f"{found} in {env.python} (Python {env.python_version})"
+    untested = env.untested()
+    if untested:
+        tested = ", ".join(f"{k} {'/'.join(v)}" for k, v in TESTED.items())
+        return Check("ms-swift", False, f"{detail}; untested: {', '.join(untested)} "
+                     f"(the tests ran {tested})", required=False)  # fmt: skip
+    return Check("ms-swift", True, detail, required=False)
 
 
 def doctor(ctx: typer.Context, json: bool = JsonOpt) -> None:
