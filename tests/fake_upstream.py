@@ -14,7 +14,8 @@ Switches (set them on the object; :meth:`FakeUpstream.reset` puts them back):
   sent as JSON, a string as text);
 * ``delay``: seconds to wait before answering; ``chunk_delay``: seconds between stream chunks;
 * ``cut_stream``: end the stream after the first word, without ``[DONE]`` (``cut_after``: after
-  that many words);
+  that many words); ``holds``: ``{n: Event}`` pauses each stream after ``n`` words until the
+  event is set;
 * ``garbage``: answer 200 with a body that is not JSON;
 * ``api_key``: require ``Authorization: Bearer <api_key>`` (401 with an OpenAI error body that
   quotes the key it got otherwise, as OpenAI itself does);
@@ -59,6 +60,7 @@ class FakeUpstream:
     chunk_delay: float = 0.0
     cut_stream: bool = False
     cut_after: int = 0
+    holds: dict[int, threading.Event] = field(default_factory=dict)
     garbage: bool = False
     api_key: str | None = None
     requests: list[Received] = field(default_factory=list)
@@ -76,6 +78,7 @@ class FakeUpstream:
         self.chunk_delay = 0.0
         self.cut_stream = False
         self.cut_after = 0
+        self.holds = {}
         self.garbage = False
         self.api_key = None
         self.requests.clear()
@@ -232,6 +235,11 @@ def build_app(state: FakeUpstream) -> FastAPI:
                     sent += 1
                     if state.cut_stream or sent == state.cut_after:
                         return
+                    hold = state.holds.get(sent)
+                    if hold is not None:  # until the test lets it go on (60 s at most)
+                        held = time.monotonic() + 60
+                        while not hold.is_set() and time.monotonic() < held:
+                            await asyncio.sleep(0.01)
                     if state.chunk_delay:
                         await asyncio.sleep(state.chunk_delay)
                 yield event([delta(i, "", finish)])

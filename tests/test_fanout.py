@@ -149,7 +149,11 @@ def test_followers_in_two_processes_read_live_and_outlive_the_leader(
     servers: list[ServerProcess], fresh: FakeUpstream, redis_url: str
 ) -> None:
     a, b = servers
-    fresh.chunk_delay = 0.1  # 40 pieces: about 4 s of generation
+    # the stream pauses after 5 and after 10 of its 40 pieces until the test lets it go on:
+    # followers join, the leader's client leaves and a late follower arrives, all while the
+    # answer is still being generated, however slow the machine
+    first, second = threading.Event(), threading.Event()
+    fresh.chunk_delay, fresh.holds = 0.02, {5: first, 10: second}
 
     def note_first(got: Streamed) -> None:
         if got.stored_at_first is None:
@@ -159,7 +163,7 @@ def test_followers_in_two_processes_read_live_and_outlive_the_leader(
     followers = [Streamed() for _ in range(3)]  # one in the leader's process, two in the other
     # the leader's client goes away once every follower has had a piece
     leading = started(lambda: stream(a, leader, leave=lambda: all(f.pieces for f in followers)))
-    wait_for(lambda: len(leader.pieces) >= 1)
+    wait_for(lambda: len(leader.pieces) >= 5)
     threads = [
         started(lambda got=got, server=server: stream(server, got, on_piece=note_first))
         for got, server in zip(followers, (a, b, b), strict=True)
@@ -178,12 +182,15 @@ def test_followers_in_two_processes_read_live_and_outlive_the_leader(
             )
         )
     )
-    leading.join(10)
-    assert EXPECTED.startswith(leader.text) and len(leader.pieces) < 30, leader  # left early
-    # the leader's client is gone and generation goes on; a late follower still gets it all
-    wait_for(lambda: len(followers[1].pieces) >= len(leader.pieces) + 3)
-    late = Streamed()
+    wait_for(lambda: all(f.pieces for f in followers))
+    first.set()  # the leader's client leaves at its next piece
+    leading.join(30)
+    assert not leading.is_alive() and EXPECTED.startswith(leader.text), leader
+    assert len(leader.pieces) <= 10, leader  # it left before the answer was whole
+    late = Streamed()  # the leader's client is gone: a late follower still gets it all
     threads.append(started(lambda: stream(b, late, on_piece=note_first)))
+    wait_for(lambda: bool(late.pieces))
+    second.set()  # generation goes on, for the followers alone
     for thread in threads:
         thread.join(30)
 
