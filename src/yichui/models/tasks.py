@@ -61,29 +61,31 @@ def task_types() -> list[TaskType]:
 
 def download(ctx: TaskContext[ModelServices], args: DownloadArgs) -> dict[str, Any]:
     """Pull a model (see ``yichui models pull``); progress in bytes."""
+    from yichui.models.catalog import pull_target
     from yichui.models.pull import pull_model
     from yichui.models.sources.base import PullSpec
 
     services = ctx.services
     source = services.sources.get(args.source)
+    # the CLI and the API map a catalog name before queueing; a task queued otherwise too
+    target = pull_target(args.name, source.name, args.repo)
+    name = target.name
     spec = PullSpec(
-        repo=args.repo or args.name,
+        repo=target.repo,
         revision=args.revision,
         include=args.include,
         exclude=args.exclude,
     )
-    ctx.log(f"pulling {spec.repo} from {source.name} as {args.name}")
+    ctx.log(f"pulling {spec.repo} from {source.name} as {name}")
 
     def progress(done: int, total: int | None) -> None:
         ctx.report(done, total, unit="bytes")
 
-    result = pull_model(
-        services.registry, source, args.name, spec, force=args.force, progress=progress
-    )
+    result = pull_model(services.registry, source, name, spec, force=args.force, progress=progress)
     status = result.status
-    ctx.log(f"{args.name}: {result.action}")
+    ctx.log(f"{name}: {result.action}")
     return {
-        "name": args.name,
+        "name": name,
         "action": result.action,
         "path": status.path if status else None,
         "size": status.size if status else None,

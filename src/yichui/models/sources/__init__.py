@@ -60,12 +60,17 @@ class Sources:
     def names(self) -> list[str]:
         return sorted(self._factories)
 
+    def canonical(self, name: str | None) -> str:
+        """The name of the source ``name`` means (an alias resolved; None: the default, the
+        mirror folder if one is set, else Hugging Face), without building it."""
+        if name is None:
+            name = "mirror" if self.settings.mirror_dir else "huggingface"
+        return ALIASES.get(name, name)
+
     def get(self, name: str | None) -> ModelSource:
         """The source called ``name`` (or an alias); by default the mirror folder if one is
         set, else Hugging Face."""
-        if name is None:
-            name = "mirror" if self.settings.mirror_dir else "huggingface"
-        name = ALIASES.get(name, name)
+        name = self.canonical(name)
         factory = self._factories.get(name)
         if factory is None:
             raise ConfigError(
