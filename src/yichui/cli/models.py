@@ -1,10 +1,11 @@
-"""``yichui models …``: list, status, pull, import, rm, verify, rescan."""
+"""``yichui models …``: list, status, catalog, pull, import, rm, verify, rescan."""
 
 from __future__ import annotations
 
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +29,8 @@ from yichui.cli.output import (
     print_json,
     warn_degraded,
 )
-from yichui.errors import ModelNotFoundError, YichuiError
+from yichui.errors import ModelNotFoundError, NotFoundError, YichuiError
+from yichui.models.catalog import HUB_TITLES, CatalogEntry, load_catalog, pull_target
 from yichui.models.importer import bundled_gguf, import_path
 from yichui.models.names import validate_name
 from yichui.models.pull import pull_model
@@ -126,6 +128,65 @@ def status(
     console.print(table)
 
 
+class CatalogKind(StrEnum):
+    text = "text"
+    multimodal = "multimodal"
+
+
+class CatalogOrigin(StrEnum):
+    snapshot = "snapshot"
+    swift = "swift"
+
+
+def _catalog_table(entries: list[CatalogEntry], caption: str) -> Table:
+    table = Table(caption=caption)
+    for col in ("model type", "ModelScope id", "Hugging Face id", "kind", "template"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        table.add_row(
+            e.model_type, e.ms_model_id or "-", e.hf_model_id or "-", e.kind, e.template or "-"
+        )
+    return table
+
+
+@app.command()
+def catalog(
+    ctx: typer.Context,
+    kind: Annotated[CatalogKind | None, typer.Option(help="text or multimodal.")] = None,
+    search: Annotated[
+        str | None,
+        typer.Option(
+            "--search", "-s", help="Words that must all be part of the type, an id or template."
+        ),
+    ] = None,
+    source: Annotated[
+        CatalogOrigin,
+        typer.Option(help="snapshot (shipped with yichui) or swift (ms-swift's live registry)."),
+    ] = CatalogOrigin.snapshot,
+    json: bool = JsonOpt,
+) -> None:
+    """The models ms-swift knows by name; pull one by either of its ids (exit 1: no match)."""
+    found = load_catalog(_rt(ctx).settings, source.value)
+    entries = found.search(search, kind=kind.value if kind else None)
+    if not entries:
+        what = " ".join(w for w in (kind.value if kind else None, "model") if w)
+        words = f" matches {search!r}" if search else " is there"
+        raise NotFoundError(
+            f"no {what} of ms-swift {found.ms_swift}'s catalog{words}",
+            hint="search with fewer or shorter words",
+        )
+    if json:
+        print_json([e.to_dict() for e in entries])
+        return
+    console.print(
+        _catalog_table(
+            entries,
+            f"{len(entries)} of {len(found.entries)} models, ms-swift {found.ms_swift} "
+            f"({found.origin})",
+        )
+    )
+
+
 def byte_progress(out: Console, description: str) -> tuple[Progress, ProgressFn]:
     """A transient byte progress bar (size, speed, time left) on ``out``, and the callback
     a pull reports to (``with bar: pull_model(..., progress=update)``)."""
@@ -188,9 +249,22 @@ def pull(
     ] = False,
     json: bool = JsonOpt,
 ) -> None:
-    """Fetch a model; concurrent pulls of one model (any host) download it once."""
+    """Fetch a model; concurrent pulls of one model (any host) download it once. A name of
+    ms-swift's catalog (`yichui models catalog`) is fetched by its id at the source."""
     validate_name(name)
+    if repo is not None:
+        validate_name(repo)
     rt = _rt(ctx)
+    target = pull_target(name, rt.sources.canonical(source), repo)
+    name = target.name
+    if target.entry is not None:
+        repo = target.repo
+        if not json:
+            at = HUB_TITLES.get(rt.sources.canonical(source), source)
+            err_console.print(
+                f"{name}: {target.entry.model_type} in ms-swift's catalog, {at} id {repo}",
+                highlight=False,
+            )
     if detach and not dry_run:  # a dry run is instant: answer it here
         args = {
             "name": name,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from yichui.api.manage import cache, events, models, session, system, tasks, training
+from yichui.api.manage import cache, catalog, events, models, session, system, tasks, training
 
 router = APIRouter(prefix="/api")
-for _module in (session, system, models, tasks, training, cache, events):
+for _module in (session, system, models, catalog, tasks, training, cache, events):
     router.include_router(_module.router)

@@ -1,5 +1,6 @@
-"""``/api/models``: list, inspect, pull (a ``download`` task), import, verify, remove and
-rescan the models of the deployment, through the same services as ``yichui models``."""
+"""``/api/models``: list, inspect, pull (a ``download`` task; a name of ms-swift's catalog by
+its id at the source), import, verify, remove and rescan the models of the deployment, through
+the same services as ``yichui models``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from yichui.api.auth import AdminDep, PrincipalDep
 from yichui.api.manage.common import Limit, Offset, audit, page, runtime_of
 from yichui.errors import ModelNotFoundError, RequestError
+from yichui.models.catalog import pull_target
 from yichui.models.names import validate_name
 from yichui.models.sources import ALIASES
 
@@ -83,6 +85,10 @@ def pull(body: Pull, request: Request, principal: PrincipalDep) -> dict[str, Any
                 param="source",
             )
     args = body.model_dump(exclude={"queue"})
+    # a name of ms-swift's catalog: the source's id goes into the task (`/api/catalog`)
+    target = pull_target(body.name, rt.sources.canonical(body.source), body.repo or None)
+    if target.entry is not None:
+        args.update(name=target.name, repo=target.repo)
     return rt.tasks.submit("download", args, queue=body.queue, tenant=principal.tenant)
 
 
