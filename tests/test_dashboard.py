@@ -353,6 +353,24 @@ def test_an_unknown_task_is_a_message_in_the_page_and_markup_stays_text(
     console.check(allowed=(404,))
 
 
+def test_the_models_page_searches_ms_swifts_catalog_into_the_pull_form(
+    page: tuple[Any, Console],
+) -> None:
+    tab, console = page
+    tab.goto("/ui#/models")
+    expect(tab.locator("#catalog-note")).to_contain_text("models of ms-swift")
+    tab.fill("#catalog-form input[name=search]", "glm-edge 4b")
+    tab.select_option("#catalog-form select[name=kind]", "multimodal")
+    tab.click("#catalog-form button[type=submit]")
+    rows = tab.locator("#catalog-list tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("zai-org/glm-edge-4b-chat")
+    tab.select_option("#pull-form select[name=source]", "modelscope")
+    rows.first.get_by_role("button", name="Use").click()  # the id at the chosen source
+    expect(tab.locator("#pull-form input[name=name]")).to_have_value("ZhipuAI/glm-edge-4b-chat")
+    console.check()
+
+
 # --- keys mode: sign-in, roles
 
 

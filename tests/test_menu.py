@@ -21,6 +21,7 @@ import pytest
 
 from tests.api_server import ServerProcess
 from tests.redis_proc import RedisProcess, free_port
+from tests.test_huggingface_source import make_hf_cache
 from tests.tiny_model import build_tiny_model
 from yichui.config import Settings
 from yichui.runtime import Runtime
@@ -31,7 +32,7 @@ TIMEOUT = 120  # two shared cores: a cold start plus a model load can take a whi
 
 # the main menu's shortcuts
 PULL, CHAT, TRAIN, TASKS, EXIT = "1", "2", "3", "6", "8"
-MIRROR = "3"  # in "Pull from where?"
+HUGGING_FACE, MIRROR = "2", "3"  # in "Pull from where?"
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,32 @@ def test_pull_from_the_mirror_chat_and_exit(
     rt = Runtime(settings)
     try:
         assert rt.registry.status(MODEL).status.exists
+    finally:
+        rt.close()
+
+
+def test_a_hub_pull_picks_from_a_search_of_ms_swifts_catalog(
+    settings: Settings, tmp_path: Path
+) -> None:
+    repo = "zai-org/glm-edge-4b-chat"  # the Hugging Face id of two catalog entries: one choice
+    make_hf_cache(tmp_path / "hf-cache", repo=repo)
+    menu = MenuProcess(settings, tmp_path / "menu.log", HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+    try:
+        menu.choose(MENU, PULL)
+        menu.choose("Pull from where", HUGGING_FACE)
+        menu.choose("Search ms-swift's catalog", "glm-edge 4b chat")
+        menu.expect("Pull which model")
+        menu.expect("text · glm_edge, multimodal · glm_edge_v")
+        menu.child.send("\r")  # the first (and only) match
+        menu.expect(f"{repo}: pulled")
+        menu.choose(MENU, EXIT)
+        assert menu.wait() == 0
+        assert "Traceback" not in menu.transcript()
+    finally:
+        menu.close()
+    rt = Runtime(settings)
+    try:
+        assert rt.registry.status(repo).status.source == "huggingface"
     finally:
         rt.close()
 

@@ -6,7 +6,8 @@
 
 Each step asks with questionary (imported here, when the menu opens, so ``yichui --help`` stays
 fast), then calls the services the CLI calls: names are checked by ``validate_name`` as they
-are typed, pulls go through ``rt.sources`` and ``pull_model``, imports through
+are typed, a hub pull offers a search of ms-swift's catalog (``yichui.models.catalog``), pulls
+go through ``rt.sources`` and ``pull_model``, imports through
 ``import_path``, fine-tune / merge / evaluate through ``rt.training`` (the dataset is checked
 line by line before anything is queued), tasks through ``rt.tasks`` and ``watch_task``. A
 service's error is printed as the CLI prints it (``error: …`` and maybe a ``hint: …``) and the
@@ -45,7 +46,12 @@ HUB_SUGGESTIONS = (
     "Qwen/Qwen2.5-7B-Instruct",
     "HuggingFaceTB/SmolLM2-135M-Instruct",
 )
-"""Offered (not required) when typing a hub model id; any valid id can be typed."""
+"""Offered first (not required) when typing a hub model id; any valid id can be typed."""
+
+CATALOG_MATCHES = 30
+"""At most this many matches of a catalog search are offered to pick from."""
+
+TYPE_IT = ":type"  # not a model name (no ':' in one): "type an id instead" in a list of ids
 
 DEFAULT_STEPS = 20
 """Fine-tuning steps the menu proposes (a short run to see that it works)."""
@@ -235,35 +241,98 @@ class Menu:
         if source == "gguf":
             self._import()
             return
-        suggestions = _mirror_models(mirror) if source == "mirror" and mirror else HUB_SUGGESTIONS
-        repo = _ask(
-            self.q.autocomplete(
-                "Model id (type it; Tab shows suggestions):",
-                choices=list(suggestions),
-                validate=_name_check(),
-            )
-        ).strip()
+        if source == "mirror":
+            repo = _ask(
+                self.q.autocomplete(
+                    "Model id (type it; Tab shows suggestions):",
+                    choices=_mirror_models(mirror) if mirror else [],
+                    validate=_name_check(),
+                )
+            ).strip()
+        else:
+            repo = self._from_catalog(source)
         self._fetch(source, repo)
 
+    def _from_catalog(self, source: str) -> str:
+        """A hub id: picked from a search of ms-swift's catalog, or typed (any id will do)."""
+        from yichui.models.catalog import HUB_TITLES, snapshot
+
+        catalog, title = snapshot(), HUB_TITLES[source]
+        at_source: dict[str, list[str]] = {}  # its id there -> "kind · model type" of each entry
+        for e in catalog.entries:
+            if (repo := e.repo_for(source)) is not None:
+                at_source.setdefault(repo, []).append(f"{e.kind} · {e.model_type}")
+        query = _ask(
+            self.q.text(
+                f"Search ms-swift's catalog ({len(at_source)} models at {title}; "
+                "empty: type the id):"
+            )
+        ).strip()
+        if query:
+            found = list(
+                dict.fromkeys(r for e in catalog.search(query) if (r := e.repo_for(source)))
+            )
+            if not found:
+                console.print(f"nothing at {title} in the catalog matches {query!r}")
+            else:
+                if len(found) > CATALOG_MATCHES:
+                    console.print(
+                        f"{len(found)} matches, the first {CATALOG_MATCHES} below: more words "
+                        "narrow the search",
+                        highlight=False,
+                    )
+                choices: list[Choice] = [
+                    self.q.Choice(f"{r:<52} {', '.join(at_source[r])}", value=r)
+                    for r in found[:CATALOG_MATCHES]
+                ]
+                choices += [
+                    self.q.Choice("Type an id instead", value=TYPE_IT),
+                    self.q.Choice("← Back", value=BACK),
+                ]
+                picked = str(_ask(self.q.select("Pull which model?", choices)))
+                if picked != TYPE_IT:
+                    return picked
+        suggestions = list(dict.fromkeys([*HUB_SUGGESTIONS, *at_source]))
+        meta = {r: ", ".join(v) for r, v in at_source.items()}
+        return str(
+            _ask(
+                self.q.autocomplete(
+                    "Model id (type it; suggestions from the catalog as you type):",
+                    choices=suggestions,
+                    meta_information=meta,
+                    match_middle=True,
+                    validate=_name_check(),
+                )
+            )
+        ).strip()
+
     def _fetch(self, source_name: str, repo: str) -> None:
+        from yichui.models.catalog import HUB_TITLES, pull_target
         from yichui.models.pull import pull_model
         from yichui.models.sources.base import PullSpec
 
         source = self.rt.sources.get(source_name)
-        bar, progress = byte_progress(console, f"pulling {repo}")
+        target = pull_target(repo, source.name)  # a catalog name: its id at this source
+        name = target.name
+        if target.entry is not None and target.repo != name:
+            console.print(
+                f"{name}: {HUB_TITLES[source.name]} id {target.repo} (ms-swift's catalog)",
+                highlight=False,
+            )
+        bar, progress = byte_progress(console, f"pulling {target.repo}")
         started = time.monotonic()
         with bar:
             result = pull_model(
-                self.rt.registry, source, repo, PullSpec(repo=repo), progress=progress
+                self.rt.registry, source, name, PullSpec(repo=target.repo), progress=progress
             )
         assert result.status is not None
         console.print(
-            f"[green]{repo}: {PULL_VERBS.get(result.action, result.action)}[/green] — "
+            f"[green]{name}: {PULL_VERBS.get(result.action, result.action)}[/green] — "
             f"{human_size(result.status.size)}, {result.status.files} files "
             f"({time.monotonic() - started:.1f} s)",
             highlight=False,
         )
-        self.current = repo
+        self.current = name
 
     def _import(self) -> None:
         from yichui.models.importer import bundled_gguf, import_path

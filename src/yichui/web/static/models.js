@@ -1,12 +1,14 @@
 // Models: the table (kind, size, source, fingerprint), pull with a live byte progress bar,
-// verify and remove (admins).
+// ms-swift's catalog to pick what to pull, verify and remove (admins).
 import { del, get, isAdmin, namePath, post, toast } from "./api.js";
 import { bytes, card, confirmButton, facts, h, pager, progress, replace, table, updateProgress, when } from "./dom.js";
 import * as live from "./live.js";
 import { taskLink } from "./tasks.js";
 
 const PAGE = 50;
+const CATALOG_PAGE = 20;
 const view = { kind: "", q: "", offset: 0 };
+const catalogView = { kind: "", search: "", offset: 0 };
 const ADMIN_ONLY = "admins only";
 
 function adminButton(label, action, confirm = false) {
@@ -52,8 +54,47 @@ export async function render(root) {
     const task = await post("/api/models/pull", body).catch(() => null);
     if (task) { toast(`pulling ${body.name}`, "info"); refreshPulls(); }
   });
+  const catalogForm = h("form", { class: "inline", id: "catalog-form" },
+    h("input", { name: "search", type: "search", placeholder: "qwen2.5 7b, glm-edge, llava…", value: catalogView.search, "aria-label": "search the catalog" }),
+    h("select", { name: "kind", "aria-label": "catalog kind" }, ["", "text", "multimodal"].map((k) =>
+      h("option", { value: k, selected: catalogView.kind === k }, k || "any kind"))),
+    h("button", { type: "submit" }, "Search"));
+  catalogForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    catalogView.search = catalogForm.elements.search.value.trim();
+    catalogView.kind = catalogForm.elements.kind.value;
+    catalogView.offset = 0;
+    refreshCatalog();
+  });
+  const catalogList = h("div", { id: "catalog-list" });
+  const catalogNote = h("p", { class: "muted", id: "catalog-note" });
   root.append(card("Models", filter, list), report,
-    h("div", { class: "grid-2" }, card("Pull a model", pull), card("Downloads", pulls)));
+    h("div", { class: "grid-2" }, card("Pull a model", pull), card("Downloads", pulls)),
+    card("ms-swift's catalog", catalogNote, catalogForm, catalogList));
+
+  // The pull form gets the entry's id at the chosen source (the API maps either id anyway).
+  function use(entry) {
+    const ms = pull.elements.source.value === "modelscope";
+    pull.elements.name.value = (ms ? entry.ms_model_id || entry.hf_model_id : entry.hf_model_id || entry.ms_model_id) || "";
+    pull.elements.name.focus();
+  }
+
+  async function refreshCatalog() {
+    const page = await get("/api/catalog", { search: catalogView.search, kind: catalogView.kind, limit: CATALOG_PAGE, offset: catalogView.offset }).catch(() => null);
+    if (!page) return;
+    replace(catalogNote, `${page.total} models of ms-swift ${page.ms_swift}; pull one by its ModelScope or Hugging Face id.`);
+    const rows = page.data || [];
+    const mono = (v) => h("span", { class: "mono" }, v ?? "–");
+    replace(catalogList, table([
+      { label: "Model type", cell: (e) => mono(e.model_type) },
+      { label: "ModelScope", cell: (e) => mono(e.ms_model_id) },
+      { label: "Hugging Face", cell: (e) => mono(e.hf_model_id) },
+      { label: "Kind", cell: (e) => e.kind },
+      { label: "Template", cell: (e) => e.template ?? "–" },
+      { label: "", cell: (e) => h("button", { type: "button", class: "small", onclick: () => use(e) }, "Use") },
+    ], rows, { empty: "Nothing in the catalog matches.", rowAttrs: (e) => ({ dataset: { modelType: e.model_type } }) }),
+    pager({ offset: catalogView.offset, limit: CATALOG_PAGE, total: page.total, count: rows.length }, (o) => { catalogView.offset = o; refreshCatalog(); }));
+  }
 
   async function refresh() {
     const page = await get("/api/models", { kind: view.kind, q: view.q, limit: PAGE, offset: view.offset });
@@ -100,7 +141,7 @@ export async function render(root) {
     ], rows, { empty: "No downloads.", rowAttrs: (t) => ({ dataset: { taskId: t.id } }) }));
   }
 
-  await Promise.all([refresh(), refreshPulls()]);
+  await Promise.all([refresh(), refreshPulls(), refreshCatalog()]);
   const again = live.throttle(() => { refresh().catch(() => {}); refreshPulls(); }, 700);
   return live.subscribe((type, data) => {
     if (type === "model" || type === "open") again();
