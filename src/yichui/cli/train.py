@@ -176,27 +176,59 @@ def eval_(
         int | None, typer.Option(help="Tokens per example. [default: 1024]")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per batch. [default: 8]")] = None,
+    backend: Annotated[
+        str, typer.Option(help="yichui (built in) or evalscope (EvalScope, in the swift env).")
+    ] = "yichui",
+    format_: Annotated[
+        str | None,
+        typer.Option("--format", help="evalscope: general_qa or general_mcq (default: guessed)."),
+    ] = None,
+    prompt_template: Annotated[
+        str | None, typer.Option(help="evalscope: the prompt, with {question} (and {choices}).")
+    ] = None,
     refresh: Annotated[bool, typer.Option("--refresh", help="Run again even if cached.")] = False,
     queue: QueueOpt = None,
     wait: WaitOpt = False,
     json: bool = JsonOpt,
 ) -> None:
-    """Evaluate MODEL on a JSONL set: loss, perplexity, exact-match and contains accuracy.
+    """Evaluate MODEL on a JSONL set: loss, perplexity, exact-match and contains accuracy;
+    or, with --backend evalscope, EvalScope's metrics on a general_qa / general_mcq set.
 
     The same evaluation asked again (same model files, dataset and parameters) is answered at
     once from the cache."""
     rt, svc = _svc(ctx)
-    sub = svc.evaluate(
-        model,
-        dataset,
-        queue=queue,
-        refresh=refresh,
-        limit=limit,
-        generate=generate,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        batch_size=batch_size,
-    )
+    own = {"--format": format_ is not None, "--prompt-template": prompt_template is not None}
+    if backend == "evalscope":
+        from yichui.training.evalscope_backend import evaluate
+
+        _refuse({"--no-generate": not generate, "--max-length": max_length is not None}, backend)
+        sub = evaluate(
+            svc,
+            model,
+            dataset,
+            format=format_,
+            queue=queue,
+            refresh=refresh,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            prompt_template=prompt_template,
+        )
+    elif backend == "yichui":
+        _refuse(own, backend)
+        sub = svc.evaluate(
+            model,
+            dataset,
+            queue=queue,
+            refresh=refresh,
+            limit=limit,
+            generate=generate,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+    else:
+        raise typer.BadParameter(f"{backend!r}: use yichui or evalscope", param_hint="--backend")
     if sub.cached:
         if json:
             print_json(sub.to_dict())
@@ -219,9 +251,19 @@ def eval_(
     raise typer.Exit(EXIT_CODES.get(state, 1))
 
 
-def _print_report(report: dict[str, Any], *, note: str) -> None:
-    from yichui.training.report import summary_lines
+def _refuse(given: dict[str, bool], backend: str) -> None:
+    """A usage error for an option of the other evaluation backend."""
+    for flag, used in given.items():
+        if used:
+            other = "evalscope" if backend == "yichui" else "yichui"
+            raise typer.BadParameter(f"an option of --backend {other} only", param_hint=flag)
 
-    for line in summary_lines(report):
+
+def _print_report(report: dict[str, Any], *, note: str) -> None:
+    from yichui.training import evalscope_report
+    from yichui.training import report as builtin
+
+    shown = evalscope_report if report.get("backend") == "evalscope" else builtin
+    for line in shown.summary_lines(report):
         console.print(line, highlight=False, markup=False)
     err_console.print(f"({note})", highlight=False)

@@ -1,4 +1,4 @@
-"""The training capability's task types: ``train``, ``merge`` and ``evaluate``.
+"""The training capability's task types: ``train``, ``merge``, ``evaluate`` and ``evalscope``.
 
 Registered by the composition root through :func:`task_types`; their handlers (which import
 torch, transformers and peft) are loaded by the worker that runs them.
@@ -12,6 +12,7 @@ from yichui.config import Settings
 from yichui.models.registry import ModelRegistry
 from yichui.tasks.types import TaskType
 from yichui.training.args import EvalArgs, MergeArgs, TrainArgs
+from yichui.training.evalscope_data import EvalScopeArgs
 from yichui.training.service import TrainingService
 
 TRAIN_STOP_GRACE = 300.0
@@ -48,5 +49,11 @@ def task_types() -> list[TaskType]:
             EvalArgs,
             "yichui.training.evaluate:evaluate",
             "loss, perplexity and answer accuracy on a dataset",
+        ),
+        TaskType(
+            "evalscope",
+            EvalScopeArgs,
+            "yichui.training.evalscope_backend:run",
+            "EvalScope's rule-based metrics on a local dataset (the ms-swift environment)",
         ),
     ]

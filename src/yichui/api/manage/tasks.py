@@ -88,7 +88,7 @@ class Submit(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=100)
 
 
-_OWN_TYPES = {"train", "merge", "evaluate"}
+_OWN_TYPES = {"train": "train", "merge": "merge", "evaluate": "eval", "evalscope": "eval"}
 """Types with their own routes (``/api/train``, …), which check what a bare submit cannot."""
 
 
@@ -98,7 +98,7 @@ def submit(body: Submit, request: Request, principal: PrincipalDep) -> dict[str,
     rt = runtime_of(request)
     if body.type in _OWN_TYPES and not principal.admin:
         raise RequestError(
-            f"submit {body.type} tasks through /api/{body.type.replace('evaluate', 'eval')}",
+            f"submit {body.type} tasks through /api/{_OWN_TYPES[body.type]}",
             param="type",
         )
     return rt.tasks.submit(

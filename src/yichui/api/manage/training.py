@@ -1,6 +1,7 @@
 """``/api/datasets``, ``/api/train``, ``/api/merge``, ``/api/eval``, ``/api/runs``,
-``/api/evals``: fine-tuning, merging and evaluation, with the CLI's validation (a bad dataset
-line is a 400 naming the line, before anything is queued).
+``/api/evals``: fine-tuning, merging and evaluation (yichui's own, or ``"backend":
+"evalscope"``), with the CLI's validation (a bad dataset line is a 400 naming the line, before
+anything is queued).
 
 Datasets come from the ``datasets_dir`` folder, or are uploaded (``POST /api/datasets``, at
 most ``upload_max_bytes``, validated record by record, stored under
@@ -26,6 +27,7 @@ from yichui.api.manage.common import Limit, Offset, page, runtime_of
 from yichui.config import Settings
 from yichui.errors import DatasetError, NotFoundError, RequestError
 from yichui.runtime import Runtime
+from yichui.training.evalscope_backend import evaluate as evalscope_evaluate
 
 router = APIRouter(tags=["training"])
 
@@ -240,13 +242,26 @@ class Evaluate(BaseModel):
 
     model: str = Field(max_length=600, description="A model, or base@adapter.")
     dataset: str = Field(max_length=4096, description="A path from GET /api/datasets.")
+    backend: Literal["yichui", "evalscope"] = Field(
+        default="yichui", description="yichui's own evaluation, or EvalScope (docs/training.md)."
+    )
     limit: int | None = None
     generate: bool = True
     max_new_tokens: int | None = None
     max_length: int | None = None
     batch_size: int | None = None
+    format: Literal["general_qa", "general_mcq"] | None = Field(
+        default=None, description="evalscope: the dataset's format (default: guessed)."
+    )
+    prompt_template: str | None = Field(
+        default=None, max_length=8000, description="evalscope: the prompt, with {question}."
+    )
     refresh: bool = False
     queue: str | None = None
+
+
+_EVALSCOPE_ONLY = ("format", "prompt_template")
+_YICHUI_ONLY = ("max_length",)
 
 
 @router.post("/eval", status_code=202)
@@ -254,6 +269,24 @@ def evaluate(body: Evaluate, request: Request, principal: PrincipalDep) -> dict[
     """The report when this evaluation ran before (``cached``), else its queued task."""
     rt = runtime_of(request)
     dataset = _allowed_dataset(rt.settings, body.dataset)
+    other = (*_YICHUI_ONLY, "generate") if body.backend == "evalscope" else _EVALSCOPE_ONLY
+    for name in other:
+        if getattr(body, name) != Evaluate.model_fields[name].default:
+            raise RequestError(f"{name} is not an option of the {body.backend} backend", param=name)
+    if body.backend == "evalscope":
+        return evalscope_evaluate(
+            rt.training,
+            body.model,
+            dataset,
+            format=body.format,
+            queue=body.queue,
+            refresh=body.refresh,
+            tenant=principal.tenant,
+            limit=body.limit,
+            max_new_tokens=body.max_new_tokens,
+            batch_size=body.batch_size,
+            prompt_template=body.prompt_template,
+        ).to_dict()
     sub = rt.training.evaluate(
         body.model,
         dataset,
