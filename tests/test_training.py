@@ -374,16 +374,6 @@ def test_a_changed_dataset_snapshot_is_refused(
         assert status["state"] == "failed" and "SHA-256 differs" in status["error"]["message"]
 
 
-def test_swift_backend_missing_is_a_clear_failure(
-    training: TrainingService, trt: Runtime, qa_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PATH", "/nonexistent")
-    t = training.train(BASE, qa_file, backend="swift", max_steps=2)
-    run_burst(trt)
-    status = trt.tasks.get(t["id"])
-    assert status["state"] == "failed" and "ms-swift" in status["error"]["message"]
-
-
 def test_swift_logging_lines_become_progress() -> None:
     from yichui.training.launch import parse_swift_line
 

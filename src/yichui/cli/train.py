@@ -87,7 +87,15 @@ def train(
         bool, typer.Option("--gradient-checkpointing", help="Less memory, slower steps.")
     ] = False,
     nnodes: Annotated[int | None, typer.Option(help="Nodes (see docs/training.md).")] = None,
-    backend: Annotated[str | None, typer.Option(help="peft (default) or swift.")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="peft (default) or swift (ms-swift, docs/ms-swift.md).")
+    ] = None,
+    swift_model_type: Annotated[
+        str | None, typer.Option(help="--backend swift: ms-swift's --model_type.")
+    ] = None,
+    swift_template: Annotated[
+        str | None, typer.Option(help="--backend swift: ms-swift's --template.")
+    ] = None,
     nproc_per_node: Annotated[
         int | None, typer.Option(help="Processes on the node: >1 launches torchrun.")
     ] = None,
@@ -131,6 +139,8 @@ def train(
         gradient_checkpointing=gradient_checkpointing or None,
         nnodes=nnodes,
         backend=backend,
+        swift_model_type=swift_model_type,
+        swift_template=swift_template,
         nproc_per_node=nproc_per_node,
         train_projector=train_projector or None,
     )
@@ -152,6 +162,10 @@ def merge(
     dtype: Annotated[
         str, typer.Option(help="auto (the base's), bfloat16, float16, float32.")
     ] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(help="auto (the one it was trained with), peft, or swift (swift export)."),
+    ] = "auto",
     replace: ReplaceOpt = False,
     queue: QueueOpt = None,
     wait: WaitOpt = False,
@@ -159,7 +173,15 @@ def merge(
 ) -> None:
     """Merge an adapter into its base and register the result as a new model."""
     rt, svc = _svc(ctx)
-    t = svc.merge(adapter, base=base, output=output, replace=replace, dtype=dtype, queue=queue)
+    t = svc.merge(
+        adapter,
+        base=base,
+        output=output,
+        replace=replace,
+        dtype=dtype,
+        backend=backend,
+        queue=queue,
+    )
     _queued(rt, t, wait=wait, json=json, what="model")
 
 

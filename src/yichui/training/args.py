@@ -73,7 +73,16 @@ class TrainArgs(TaskArgs):
     """4-bit base weights (bitsandbytes, CUDA only)."""
     gradient_checkpointing: bool = False
     backend: Backend = "peft"
-    """``peft`` (transformers Trainer, in the worker) or ``swift`` (ms-swift's ``swift sft``)."""
+    """``peft`` (transformers Trainer, in the worker) or ``swift`` (ms-swift's ``sft``, in the
+    ``swift_python`` environment)."""
+    swift_model_type: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The swift backend: ms-swift's ``--model_type`` (default: ms-swift's match of the base's
+    name, else its ``config.json`` model type)."""
+    swift_template: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The swift backend: ms-swift's ``--template`` (default: the model type's, else
+    ``chatml`` for a ChatML chat template)."""
+    swift_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """The swift backend: ``--torch_dtype`` (``auto``: float32 on a CPU, else the base's)."""
     nproc_per_node: int = Field(default=1, ge=1, le=64)
     """Processes (GPUs) on this node: more than one launches ``torchrun``."""
     nnodes: int = Field(default=1, ge=1, le=1024)
@@ -112,6 +121,9 @@ class TrainArgs(TaskArgs):
             raise ValueError("warmup_steps must not exceed max_steps")
         if self.output == self.model:
             raise ValueError("output must differ from the base model")
+        swift_only = (self.swift_model_type, self.swift_template, self.swift_dtype != "auto")
+        if self.backend != "swift" and any(swift_only):
+            raise ValueError("swift_model_type, swift_template and swift_dtype need backend swift")
         return self
 
 
@@ -124,6 +136,9 @@ class MergeArgs(TaskArgs):
     replace: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """``auto``: the base model's own dtype."""
+    backend: Literal["auto", "peft", "swift"] = "auto"
+    """``swift``: ms-swift's ``export --merge_lora``; ``auto``: the one the adapter was trained
+    with."""
 
     @field_validator("adapter", "base", "output")
     @classmethod

@@ -9,9 +9,10 @@ collective), save a checkpoint and exit; a lost lease kills them at once.
 
 The processes die with the worker, even when it is SIGKILLed: the launcher is SIGKILLed when
 the worker dies, and each rank (torchrun and accelerate start them in sessions of their own)
-ties itself to the launcher (see :mod:`yichui.supervise`). ms-swift's ``swift sft`` runs its
-trainer in a child of its own, which nothing ties: a stop in order or a lost lease kills it
-with its tree, a SIGKILLed worker can leave it running.
+ties itself to the launcher (see :mod:`yichui.supervise`). ms-swift's training runs in the
+``swift_python`` environment through :mod:`yichui.training.swift_runner`, in the very process
+the worker started (not ``swift sft``, whose trainer is a child nothing ties): it dies with the
+worker too, and reads the same ``STOP`` file.
 
 Several nodes: the worker that runs the task is node 0; every other node runs the command the
 task prints into its log (the same ``torchrun`` line with its own ``--node_rank``). The run
@@ -35,9 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from yichui.errors import TaskFailedError, TrainingError
+from yichui.errors import SwiftMissingError, TaskFailedError, TrainingError
 from yichui.models.targets import resolve_target
 from yichui.supervise import Child, spawn, spawned_pid, tie_to_parent
+from yichui.swift_env import swift_env
 from yichui.tasks.context import HandedBack, LeaseLost, TaskCancelled, TaskContext
 from yichui.training.args import TrainArgs
 from yichui.training.dataset import IMAGE_TAG, Example, content_text, read_examples
@@ -50,10 +52,10 @@ STOP_GRACE = 600.0
 
 _ADAPTER_FILES = (
     "adapter_", "tokenizer", "special_tokens_map", "chat_template", "processor_config",
-    "preprocessor_config",
+    "preprocessor_config", "args.json", "additional_config.json",
 )  # fmt: skip
-"""What of a swift checkpoint the adapter folder keeps: the weights, the tokenizer and (a
-multimodal base) the processor."""
+"""What of a swift checkpoint the adapter folder keeps: the weights, the tokenizer, (a
+multimodal base) the processor, and the arguments ``swift export`` merges it with."""
 
 Parser = Callable[[dict[str, Any]], tuple[int, int, dict[str, float]] | None]
 
@@ -290,17 +292,20 @@ def parse_trainer_line(row: dict[str, Any]) -> tuple[int, int, dict[str, float]]
 
 
 # -- ms-swift -------------------------------------------------------------------------------------
+SWIFT_RUNNER = Path(__file__).with_name("swift_runner.py")
+"""Run by the ms-swift environment's interpreter: ``sft`` in that process (see its docstring)."""
+
+
 def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
-    """Run ms-swift's ``swift sft`` (LoRA) and follow its ``logging.jsonl``."""
+    """Run ms-swift's ``sft`` (LoRA) in the ms-swift environment and follow its
+    ``logging.jsonl``; a retry resumes from swift's newest checkpoint."""
     from yichui.training.trainer import finish_run
 
-    exe = shutil.which("swift")
-    if exe is None:
-        raise TrainingError(
-            "the swift backend needs ms-swift, which this worker does not have",
-            hint="pip install ms-swift on the worker, or train with --backend peft",
-        )
     rt = ctx.services
+    try:
+        env = swift_env(rt.settings)
+    except SwiftMissingError as exc:  # this worker has none: another one may
+        raise TrainingError(exc.message, hint=exc.hint) from exc
     run_dir = Path(args.run_dir)
     base = resolve_target(rt.registry, args.model).base
     data = run_dir / "swift_dataset.jsonl"
@@ -309,13 +314,47 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
             fh.write(json.dumps(swift_record(ex), ensure_ascii=False) + "\n")
     out_dir = run_dir / "swift"
     resume = latest_swift_checkpoint(out_dir)
-    cmd = swift_command(exe, args, str(base.path), data, out_dir, resume)
-    ctx.log(f"attempt {ctx.attempt}: " + " ".join(cmd))
+    spec = run_dir / "swift_spec.json"
+    argv = swift_arguments(
+        args, str(base.path), data, out_dir, resume, dtype=_swift_dtype(rt.settings, args, base)
+    )
+    write_json(
+        spec,
+        {
+            "run_dir": str(run_dir),
+            "model_dir": str(base.path),
+            "model_type": args.swift_model_type,
+            "template": args.swift_template,
+            "stop_file": STOP_FILE,
+            "argv": argv,
+        },
+    )
+    ctx.log(
+        f"attempt {ctx.attempt}: ms-swift {env.swift_version} ({env.python}): sft "
+        + " ".join(argv)
+        + (f"; resuming from {resume.parent.name}/{resume.name}" if resume else "")
+    )
     started = time.monotonic()
-    follow_process(ctx, cmd, run_dir, lambda: _newest(out_dir, "logging.jsonl"), parse_swift_line)
+    error_file = run_dir / "error.json"
+    try:
+        follow_process(
+            ctx,
+            [str(env.python), str(SWIFT_RUNNER), str(spec)],
+            run_dir,
+            lambda: _newest(out_dir, "logging.jsonl"),
+            parse_swift_line,
+        )
+    except TaskFailedError as exc:
+        failed = read_json(error_file)
+        if failed:  # swift's own reason, and whether another attempt could do better
+            raise TaskFailedError(
+                f"ms-swift sft failed: {failed.get('reason')}",
+                retryable=bool(failed.get("retryable", True)),
+            ) from exc
+        raise
     last = latest_swift_checkpoint(out_dir)
     if last is None:
-        raise TaskFailedError(f"swift sft wrote no checkpoint under {out_dir}")
+        raise TaskFailedError(f"ms-swift sft wrote no checkpoint under {out_dir}")
     adapter_dir = run_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     adapter_dir.mkdir()
@@ -323,6 +362,7 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         if f.is_file() and f.name.startswith(_ADAPTER_FILES):
             shutil.copy2(f, adapter_dir / f.name)
     ctx.flush()
+    final = _swift_final(last.parent / "logging.jsonl")
     return finish_run(
         ctx,
         args,
@@ -331,10 +371,47 @@ def swift_train(ctx: TaskContext, args: TrainArgs) -> dict[str, Any]:
         started=started,
         resume=resume,
         steps=checkpoint_step(last),
-        train_loss=0.0,
-        final={},
+        train_loss=float(final.get("train_loss", 0.0)),
+        final={k: v for k, v in final.items() if isinstance(v, int | float)},
         backend="swift",
+        swift={"version": env.swift_version, "checkpoint": str(last)},
     )
+
+
+def _swift_dtype(settings: Any, args: TrainArgs, base: Any) -> str:
+    """The dtype ms-swift loads the base in: the one asked for, else float32 on a CPU (bf16
+    steps are slow there) and the model's own on an accelerator."""
+    if args.swift_dtype != "auto":
+        return args.swift_dtype
+    from yichui.ml.loading import resolve_device
+
+    if not resolve_device(settings.inference_device).startswith("cuda"):
+        return "float32"
+    config = read_json(Path(str(base.path)) / "config.json") or {}
+    found = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    return found if found in ("bfloat16", "float16", "float32") else "bfloat16"
+
+
+def _swift_final(log: Path) -> dict[str, Any]:
+    """The end-of-training figures of a swift run's ``logging.jsonl`` (``train_loss``,
+    ``train_runtime``): its last such line, or the last such entry of the closing summary's
+    ``log_history``."""
+    try:
+        lines = log.read_text().strip().splitlines()
+    except OSError:
+        return {}
+    for raw in reversed(lines):
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        rows = [row, *reversed(row.get("log_history") or [])]
+        for found in rows:
+            if isinstance(found, dict) and isinstance(found.get("train_loss"), int | float):
+                return found
+    return {}
 
 
 def swift_record(ex: Example) -> dict[str, Any]:
@@ -350,13 +427,21 @@ def swift_record(ex: Example) -> dict[str, Any]:
     return record
 
 
-def swift_command(
-    exe: str, args: TrainArgs, base_path: str, data: Path, out_dir: Path, resume: Path | None
+def swift_arguments(
+    args: TrainArgs,
+    base_path: str,
+    data: Path,
+    out_dir: Path,
+    resume: Path | None,
+    *,
+    dtype: str,
 ) -> list[str]:
+    """``swift sft``'s arguments for ``args`` (ms-swift 4.x names; the runner adds the model
+    type and template)."""
     cmd = [
-        exe, "sft",
         "--model", base_path,
-        "--train_type", "lora",
+        "--torch_dtype", dtype,
+        "--tuner_type", "lora",
         "--dataset", str(data),
         "--output_dir", str(out_dir),
         "--lora_rank", str(args.rank),
@@ -370,11 +455,20 @@ def swift_command(
         "--seed", str(args.seed),
         "--save_steps", str(args.save_steps),
         "--save_total_limit", str(args.keep_checkpoints),
+        "--warmup_steps", str(args.warmup_steps),
+        "--lr_scheduler_type", args.lr_scheduler,
+        "--weight_decay", str(args.weight_decay),
         "--logging_steps", "1",
         "--target_modules", *(args.target_modules or ("all-linear",)),
+        "--dataloader_num_workers", "0",  # no forks: the training dies with the worker
+        "--dataset_num_proc", "1",
+        "--report_to", "none",
+        "--check_model", "false",  # no call to ModelScope's hub (offline here)
     ]  # fmt: skip
     if args.max_steps:
         cmd += ["--max_steps", str(args.max_steps)]
+    if args.gradient_checkpointing:
+        cmd += ["--gradient_checkpointing", "true"]
     if args.qlora:
         cmd += ["--quant_bits", "4", "--quant_method", "bnb"]
     if resume is not None:

@@ -27,6 +27,7 @@ from yichui.errors import DatasetError, ModelNotFoundError, StateError, Training
 from yichui.models.names import validate_name
 from yichui.models.status import read_manifest
 from yichui.models.targets import ADAPTER_KIND, resolve_target
+from yichui.swift_env import swift_env
 from yichui.tasks.service import LOCAL_TENANT
 from yichui.training.dataset import DatasetInfo, inspect_dataset, snapshot
 from yichui.training.dataset_images import ImageRules
@@ -126,7 +127,8 @@ class TrainingService:
             "replace": replace,
             **{k: v for k, v in params.items() if v is not None},
         }
-        task_type.parse(probe)
+        if task_type.parse(probe).backend == "swift":  # a clear refusal, nothing queued
+            swift_env(self.settings)
         snap = snapshot(info, datasets_root(self.settings.data_dir), rules)
         args = {**probe, "dataset": _dataset_ref(info, str(snap))}
         run_dir = new_run_dir(self.settings.data_dir, out, args)
@@ -151,6 +153,7 @@ class TrainingService:
         output: str | None = None,
         replace: bool = False,
         dtype: str = "auto",
+        backend: str = "auto",
         queue: str | None = None,
         tenant: str = LOCAL_TENANT,
     ) -> dict[str, Any]:
@@ -169,7 +172,18 @@ class TrainingService:
         resolve_target(self.registry, f"{base}@{adapter}")
         out = validate_name(output) if output else f"{adapter}-merged"
         self._check_free(out, replace)
-        args = {"adapter": adapter, "base": base, "output": out, "replace": replace, "dtype": dtype}
+        args = {
+            "adapter": adapter,
+            "base": base,
+            "output": out,
+            "replace": replace,
+            "dtype": dtype,
+            "backend": backend,
+        }
+        parsed = self.tasks.types.get("merge").parse(args)
+        trained_with = read_manifest(Path(a.path or "")).get("backend") or "peft"
+        if (trained_with if parsed.backend == "auto" else parsed.backend) == "swift":
+            swift_env(self.settings)  # a clear refusal, nothing queued
         status = self.tasks.submit("merge", args, queue=queue, tenant=tenant)
         status["output"] = out
         return status

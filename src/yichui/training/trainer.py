@@ -247,6 +247,7 @@ def register_adapter(
             "dataset": summary["dataset"],
             "train_loss": summary["train_loss"],
             "steps": summary["steps"],
+            "backend": args.backend,
             "lora": {
                 "rank": args.rank,
                 "alpha": args.alpha,
