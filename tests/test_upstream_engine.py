@@ -314,7 +314,69 @@ async def test_flat_vllm_error_body_normalised(
     with pytest.raises(UpstreamError) as info:
         await engine.complete(chat())
     assert info.value.status == 400
-    assert info.value.body == {"error": {"message": "bad", "type": "BadRequestError"}}
+    assert info.value.body == {
+        "error": {"message": "bad", "type": "BadRequestError", "param": None, "code": None}
+    }
+
+
+async def test_swift_deploy_error_bodies(engine: UpstreamEngine, upstream: FakeUpstream) -> None:
+    """`swift deploy` answers every refusal 400 with ``{"message", "object": "error"}``: a
+    request it cannot run is the client's (400, OpenAI's body); our key or our route's model
+    name is this gateway's fault (502, with a hint)."""
+    upstream.fail_status = 400
+    upstream.fail_body = {"message": "`max_new_tokens` must be greater than 0", "object": "error"}
+    with pytest.raises(UpstreamError) as info:
+        await engine.complete(chat())
+    assert info.value.status == 400
+    assert info.value.body == {
+        "error": {
+            "message": "`max_new_tokens` must be greater than 0",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    upstream.fail_body = {"message": "API key error", "object": "error"}
+    for call in (engine.complete(chat("keyed")), collect(engine, chat("keyed"))):
+        with pytest.raises(UpstreamError) as info:
+            await call
+        assert info.value.status == 502
+        assert info.value.body is None
+        assert "refused the request (400): API key error" in str(info.value)
+        assert info.value.hint == "check the route's api_key"
+    upstream.fail_body = {
+        "message": "`Org/Big` is not in the model_list: `['smol']`.",
+        "object": "error",
+    }
+    with pytest.raises(UpstreamError) as info:
+        await engine.complete(chat())
+    assert info.value.status == 502
+    assert "does not serve the route's model" in str(info.value)
+    assert info.value.hint is not None and "route's model" in info.value.hint
+
+
+async def test_fastapi_422_becomes_400(engine: UpstreamEngine, upstream: FakeUpstream) -> None:
+    upstream.fail_status = 422
+    upstream.fail_body = {
+        "detail": [
+            {
+                "type": "list_type",
+                "loc": ["body", "messages"],
+                "msg": "Input should be a valid list",
+            }
+        ]
+    }
+    with pytest.raises(UpstreamError) as info:
+        await engine.complete(chat())
+    assert info.value.status == 400
+    assert info.value.body == {
+        "error": {
+            "message": "messages: Input should be a valid list",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": None,
+        }
+    }
 
 
 async def test_4xx_without_error_body_is_502(

@@ -15,7 +15,12 @@ shared by all routes to the same base URL::
 Every failure to get a whole, well-formed answer raises :class:`UpstreamError` with the HTTP
 status the API should answer with: 502 (unreachable, a 5xx, a reply that is not what the OpenAI
 API returns, a stream cut before ``[DONE]``), 504 (no whole answer within the route's
-``timeout``), or the upstream's own 4xx with its OpenAI error body, passed through. The route's
+``timeout``), or the upstream's own 4xx with its OpenAI error body, passed through. Error bodies
+in other shapes are turned into OpenAI's: the flat ``{"message", "object": "error"}`` of older
+vLLM and ``swift deploy``, Ollama's ``{"error": "..."}``, FastAPI's 422 ``{"detail": [...]}``
+(answered 400). What is this gateway's fault, not the client's, is 502 with a hint: the
+upstream refusing our credentials (401, 403, ``swift deploy``'s 400 "API key error") or not
+serving the route's model (``swift deploy``'s 400 "... is not in the model_list"). The route's
 API key never appears in a message or a body passed through.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -391,10 +397,43 @@ def _openai_error(data: Any) -> dict[str, Any] | None:
     if isinstance(error, str):
         return {"error": {"message": error, "type": "invalid_request_error"}}
     if isinstance(data.get("message"), str) and (data.get("object") == "error" or "type" in data):
+        # vLLM's older servers, and `swift deploy`'s {"message": ..., "object": "error"}
         inner = {k: data[k] for k in ("message", "type", "param", "code") if k in data}
         inner.setdefault("type", "invalid_request_error")
+        inner.setdefault("param", None)
+        inner.setdefault("code", None)
         return {"error": inner}
     return None
+
+
+def _validation_error(data: Any) -> dict[str, Any] | None:
+    """FastAPI's own 422 body ``{"detail": [{"loc", "msg"}, ...]}`` (the servers built on it,
+    ``swift deploy`` among them) as an OpenAI error body, the field at fault as ``param``."""
+    if not isinstance(data, dict):
+        return None
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        param, message = None, detail
+    elif isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        loc = [str(p) for p in detail[0].get("loc") or [] if p != "body"]
+        param = ".".join(loc) or None
+        message = str(detail[0].get("msg") or "invalid request")
+    else:
+        return None
+    return {
+        "error": {
+            "message": f"{param}: {message}" if param else message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": None,
+        }
+    }
+
+
+_KEY_REFUSED = re.compile(r"api key error", re.IGNORECASE)
+"""`swift deploy`'s answer (400) to a missing or wrong API key."""
+_MODEL_UNKNOWN = re.compile(r"^`.*` is not in the model_list")
+"""`swift deploy`'s answer (400) to a model name it does not serve."""
 
 
 def _status_error(status: int, raw: bytes, where: str, route: UpstreamRoute) -> UpstreamError:
@@ -404,19 +443,30 @@ def _status_error(status: int, raw: bytes, where: str, route: UpstreamRoute) -> 
     except orjson.JSONDecodeError:
         data = None
     body = _openai_error(data)
+    if body is None and status == 422:
+        body = _validation_error(data)
     if body is not None:
         body = _scrub(body, secrets)
         detail = str(body["error"]["message"])
     else:
         detail = raw.decode("utf-8", "replace").strip()[:_ERROR_TEXT_MAX] or "(empty body)"
         detail = _scrub(detail, secrets)
-    if status in (401, 403):
+    if status in (401, 403) or (status == 400 and _KEY_REFUSED.fullmatch(detail.strip())):
         # Our own credentials to the upstream: a fault of this gateway, not of the client.
         return UpstreamError(
             f"upstream {where} refused the request ({status}): {detail}",
             status=502,
             hint="check the route's api_key",
         )
+    if status == 400 and _MODEL_UNKNOWN.match(detail):
+        # The route's model name there: this gateway's configuration, not the client's request.
+        return UpstreamError(
+            f"upstream {where} does not serve the route's model: {detail}",
+            status=502,
+            hint="check the route's model (the name the upstream serves it under)",
+        )
+    if status == 422 and body is not None:
+        status = 400  # the OpenAI API answers an invalid request with 400
     if 400 <= status < 500 and body is not None:
         return UpstreamError(
             f"upstream {where} rejected the request ({status}): {detail}",
