@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,11 +183,20 @@ async def test_a_request_that_cannot_be_built_fails_alone(
     assert [results[0], *results[2:]] == singles
 
 
-async def test_the_queue_is_bounded_and_a_long_wait_is_refused(models: ModelRegistry) -> None:
+async def test_the_queue_is_bounded_and_a_long_wait_is_refused(
+    models: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     metrics = Metrics()
     batched, _ = engines(models, metrics, max_size=1, queue_max=2, queue_timeout=0.5, window=0)
-    slow = completion(PROMPTS[0], max_tokens=400)  # runs for a while on its own
-    first = asyncio.ensure_future(batched.complete(slow))
+    gate = threading.Event()  # the first batch runs until the test opens it, however fast
+    real_run = batching.run_batch
+
+    def held(*args: Any) -> Any:
+        gate.wait(30)
+        return real_run(*args)
+
+    monkeypatch.setattr(batching, "run_batch", held)
+    first = asyncio.ensure_future(batched.complete(completion(PROMPTS[0])))
     while not _running(batched):
         await asyncio.sleep(0.01)
     waiting = [asyncio.ensure_future(batched.complete(completion(p))) for p in PROMPTS[1:3]]
@@ -198,6 +208,7 @@ async def test_the_queue_is_bounded_and_a_long_wait_is_refused(models: ModelRegi
     for task in waiting:  # waited past batch_queue_timeout without starting: 503, no hang
         with pytest.raises(EngineBusyError, match="batch_queue_timeout"):
             await task
+    gate.set()
     assert (await first).choices[0].finish_reason in ("length", "stop")
     text = metrics.exposition().decode()
     assert 'yichui_engine_queue_rejected_total{model="tiny/llama",reason="full"} 1.0' in text
