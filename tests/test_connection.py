@@ -26,7 +26,7 @@ from tests.redis_proc import (
     free_port,
 )
 from yichui.config import Settings, load_settings
-from yichui.errors import ConfigError, RedisUnavailableError
+from yichui.errors import ConfigError, RedisSetupError, RedisUnavailableError
 from yichui.state.connection import (
     connect,
     make_async_client,
@@ -226,9 +226,10 @@ def test_standalone_with_password(make_settings: MakeSettings, secured_server: S
     assert target.display == f"redis://:***@127.0.0.1:{secured_server.port}/1"
 
     wrong = f"redis://:nope@127.0.0.1:{secured_server.port}/1"
-    with pytest.raises(RedisUnavailableError) as info:
+    with pytest.raises(RedisSetupError) as info:  # a setting to fix: exit code 2
         connect(make_settings(wrong))
-    assert "nope" not in str(info.value)
+    assert "nope" not in str(info.value) and "authentication failed" in str(info.value)
+    assert info.value.exit_code == 2
 
 
 def test_standalone_unix_socket(make_settings: MakeSettings, secured_server: Secured) -> None:

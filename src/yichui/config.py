@@ -136,6 +136,15 @@ class Settings(BaseSettings):
     redis_retries: int = Field(default=3, ge=0)
     """Retries (exponential backoff) of a command that failed on a connection error."""
     redis_health_check_interval: int = Field(default=30, ge=0)
+    redis_ssl_ca_certs: Path | None = None
+    """CA certificates (PEM) that a ``rediss://`` server's certificate must be signed by
+    (default: the system's); for the state and the cache instance alike."""
+    redis_ssl_certfile: Path | None = None
+    """Client certificate (PEM) sent to a ``rediss://`` server that asks for one."""
+    redis_ssl_keyfile: Path | None = None
+    """The client certificate's private key (PEM)."""
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    """Whether the server's certificate is checked: ``none`` only for a test bench."""
 
     pull_lock_lease: float = Field(default=30.0, gt=0)
     """Seconds a pull's lock lives without renewal; the holder renews it every third of that."""

@@ -12,6 +12,10 @@ it with (``status``) and the exit code the CLI ends with (``exit_code``)::
     ├── ClientError                                   502  `yichui chat`: the server failed us
     ├── StateError                                    503  the state layer (Redis)
     │   ├── RedisUnavailableError (ConnectionError)   503
+    │   ├── RedisSetupError                           503  it answers but cannot be used as set
+    │   │                                                  up (password, ACL, TLS, eviction):
+    │   │                                                  exit code 2, a setting to fix
+    │   ├── RedisFullError                            503  Redis is out of memory (maxmemory)
     │   └── EmbeddedRedisError                        503  the private redis-server failed
     ├── ModelError                                    500  anything about one model (``name``)
     │   ├── InvalidModelNameError (ValueError)        400
@@ -175,6 +179,30 @@ class RedisUnavailableError(StateError, ConnectionError):
         )
         self.url = url
         self.reason = reason
+
+
+class RedisSetupError(StateError):
+    """A Redis that answers but cannot be used as configured: a wrong password or an unknown
+    ACL user, a user without a command yichui needs, a TLS mismatch, or a state instance that
+    may evict keys. Fixed in the settings or the server's configuration, never by retrying."""
+
+    exit_code = 2
+    retryable = False
+
+    def __init__(self, url: str, problem: str, *, hint: str) -> None:
+        super().__init__(f"Redis at {url}: {problem}", hint=hint)
+        self.url = url
+        self.problem = problem
+
+
+class RedisFullError(StateError):
+    """Redis refused a write because it reached ``maxmemory`` (``OOM command not allowed``)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"Redis is out of memory (maxmemory reached): {what} refused",
+            hint="free memory or raise maxmemory on the state instance (docs/deployment.md)",
+        )
 
 
 class EmbeddedRedisError(StateError):

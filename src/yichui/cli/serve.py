@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -10,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from yichui.errors import ConfigError
+from yichui.errors import ConfigError, RedisUnavailableError
 from yichui.runtime import Runtime
 from yichui.supervise import PARENT_GONE, Child, spawn
 
@@ -47,6 +48,10 @@ def serve(
     rt.settings = s = s.model_copy(
         update={"api_host": host or s.api_host, "api_port": port or s.api_port}
     )
+    # a state instance that refuses us or evicts: one line, exit 2, before anything starts;
+    # one that is down is no failure (served uncached until it is back)
+    with contextlib.suppress(RedisUnavailableError):
+        rt.redis()
     base = worker_metrics_port or s.worker_metrics_port
     if base is not None and base + workers - 1 > 65535:
         raise ConfigError(f"worker metrics ports {base}..{base + workers - 1} run past 65535")

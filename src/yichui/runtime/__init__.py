@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from yichui import __version__
 from yichui.access import AuditLog, Authenticator, KeyStore
 from yichui.config import Settings
-from yichui.errors import RedisUnavailableError, StateError
+from yichui.errors import RedisSetupError, RedisUnavailableError, StateError
 from yichui.metrics import Metrics
 from yichui.models.registry import ModelRegistry
 from yichui.models.sources import Sources
@@ -34,6 +34,7 @@ from yichui.state.connection import RedisTarget, SyncRedis, connect, parse_redis
 from yichui.state.eval_store import EvalResultStore
 from yichui.state.fleet import ServerStore
 from yichui.state.keys import Keys
+from yichui.state.memory import check_no_eviction
 from yichui.state.model_status import ModelStatusStore
 from yichui.state.task_store import TaskStore
 from yichui.tasks.service import TaskService
@@ -61,15 +62,25 @@ class Runtime:
 
     # -- Redis ----------------------------------------------------------------------------------
     def redis(self) -> tuple[SyncRedis, RedisTarget]:
-        """The state instance's client (the embedded server is started when no URL is set)."""
+        """The state instance's client (the embedded server is started when no URL is set);
+        :class:`RedisSetupError` when it refuses us or may evict keys (``state/memory.py``)."""
         if self._redis is None:
-            self._redis = connect(self.settings)
+            client, target = connect(self.settings)
+            try:
+                check_no_eviction(client, target)
+            except BaseException:
+                client.close()
+                raise
+            self._redis = client, target
         return self._redis
 
     def try_redis(self) -> SyncRedis | None:
-        """The client, or None (error kept in ``redis_error``) when Redis is unreachable."""
+        """The client, or None (error kept in ``redis_error``) when Redis is unreachable; a
+        Redis that refuses us or evicts is no degraded mode: it fails closed."""
         try:
             return self.redis()[0]
+        except RedisSetupError:
+            raise
         except (RedisUnavailableError, StateError) as exc:
             self.redis_error = exc
             return None

@@ -36,7 +36,13 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from yichui.errors import ConfigError, RedisUnavailableError, StateError
+from yichui.errors import (
+    ConfigError,
+    RedisFullError,
+    RedisSetupError,
+    RedisUnavailableError,
+    StateError,
+)
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -181,12 +187,27 @@ def _common_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
+def tls_kwargs(settings: Settings) -> dict[str, Any]:
+    """redis-py's ``ssl_*`` arguments from the ``redis_ssl_*`` settings (those set): for a
+    ``rediss`` target only. A standalone URL's own ``?ssl_ca_certs=…`` options win over them."""
+    out: dict[str, Any] = {"ssl_cert_reqs": settings.redis_ssl_cert_reqs}
+    for name in ("ca_certs", "certfile", "keyfile"):
+        value = getattr(settings, f"redis_ssl_{name}")
+        if value is not None:
+            out[f"ssl_{name}"] = str(value)
+    if settings.redis_ssl_cert_reqs == "none":
+        out["ssl_check_hostname"] = False
+    return out
+
+
 def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(cap=1.0, base=0.05)
 
 
 def _build(target: RedisTarget, settings: Settings, *, asyncio: bool) -> Any:
     kwargs = _common_kwargs(settings)
+    if target.tls:
+        kwargs.update(tls_kwargs(settings))
     if asyncio:
         redis_cls: Any = aredis.Redis
         sentinel_cls: Any = AsyncSentinel
@@ -252,8 +273,61 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRed
         client = make_sync_client(target, settings)
         client.ping()
     except REDIS_ERRORS as exc:
-        raise RedisUnavailableError(target.display, _reason(exc)) from exc
+        raise connect_error(target, exc) from exc
     return client, target
+
+
+_ACL_DOC = "docs/deployment.md#secure-redis-acl-tls"
+
+
+def connect_error(target: RedisTarget, exc: BaseException) -> StateError:
+    """What a failed first contact with ``target`` means, in one line with the fix: a setting
+    (:class:`RedisSetupError`, exit code 2) when the server answered but refused us, else
+    :class:`RedisUnavailableError`. Never the password (redis-py's messages hold none)."""
+    url, text = target.display, _reason(exc)
+    upper = text.upper()
+    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in upper:
+        return RedisSetupError(
+            url,
+            "authentication failed: wrong password, or an unknown or disabled ACL user",
+            hint="check the user and password in the URL (redis://user:password@host:port)",
+        )
+    if "NOAUTH" in upper or "AUTHENTICATION REQUIRED" in upper:
+        return RedisSetupError(
+            url,
+            "the server requires a password and none was given",
+            hint="put the user and password in the URL (redis://user:password@host:port)",
+        )
+    if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in upper:
+        return RedisSetupError(
+            url,
+            f"the ACL user lacks a permission yichui needs ({text})",
+            hint=f"grant it the ACL of {_ACL_DOC}",
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in upper or "CERTIFICATE VERIFY FAILED" in upper:
+        return RedisSetupError(
+            url,
+            f"the server's TLS certificate is not trusted ({text})",
+            hint="set redis_ssl_ca_certs to the CA that signed the server's certificate",
+        )
+    if target.tls and ("WRONG_VERSION_NUMBER" in upper or "SSL" in upper):
+        return RedisSetupError(
+            url,
+            f"the TLS handshake failed ({text})",
+            hint="is it a TLS port? use redis:// for a plain one; check the redis_ssl_* settings",
+        )
+    if not target.tls and ("CLOSED BY SERVER" in upper or "RESET BY PEER" in upper):
+        return RedisSetupError(
+            url,
+            f"the server closed the connection at once ({text})",
+            hint="a TLS port answers a plain client so: use rediss:// (and redis_ssl_ca_certs)",
+        )
+    return RedisUnavailableError(url, text)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether Redis refused a command for ``maxmemory`` (``OOM command not allowed``)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM ")
 
 
 def _reason(exc: BaseException) -> str:
@@ -273,6 +347,8 @@ def state_errors(fn: Callable[P, T]) -> Callable[P, T]:
         try:
             return fn(*args, **kwargs)
         except REDIS_ERRORS as exc:
+            if is_oom(exc):
+                raise RedisFullError(fn.__name__) from exc
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise StateError(f"Redis error: {first}") from exc
 

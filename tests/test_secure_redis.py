@@ -1,0 +1,300 @@
+"""Secure Redis and memory (docs/deployment.md): yichui as a least-privilege ACL user, over TLS
+with client certificates, the clear one-line errors of a wrong password, user, CA or port, the
+refusal of an evicting state instance, a full Redis, and the largest cached answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import make_model
+from tests.redis_proc import RedisProcess
+from tests.secure_redis import (
+    ADMIN_PASSWORD,
+    NAMESPACE,
+    YICHUI_ACL,
+    YICHUI_PASSWORD,
+    Certs,
+    SecureRedis,
+    make_certs,
+)
+from tests.test_cli import assert_one_line_error, run
+from yichui.access import Principal
+from yichui.config import Settings, load_settings
+from yichui.errors import RedisSetupError
+from yichui.inference.cache import CacheStatus, ResponseCache
+from yichui.runtime import Runtime
+from yichui.state.connection import make_async_client
+from yichui.state.response_store import ResponseStore
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module", params=["acl", "acl+tls"])
+def secure(request: pytest.FixtureRequest, certs: Certs) -> Iterator[SecureRedis]:
+    """A server whose only usable users are ``admin`` and ``yichui`` (the documented ACL);
+    over TLS with client certificates for ``acl+tls``."""
+    tmp = request.getfixturevalue("tmp_path_factory").mktemp(request.param.replace("+", "-"))
+    server = SecureRedis(tmp, tls=certs if "tls" in request.param else None).start()
+    yield server
+    server.stop()
+
+
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("YICHUI_"):
+            monkeypatch.delenv(key)
+
+
+def _settings(tmp_path: Path, server: SecureRedis, certs: Certs, **over: Any) -> Settings:
+    tls: dict[str, Any] = {}
+    if server.tls:
+        tls = {"redis_ssl_ca_certs": certs.ca, "redis_ssl_certfile": certs.client_cert,
+               "redis_ssl_keyfile": certs.client_key}  # fmt: skip
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "models_root": tmp_path / "models",
+        "redis_url": server.url(),
+        "namespace": NAMESPACE,
+        "mirror_dir": tmp_path / "mirror",
+        **tls,
+        **over,
+    }
+    return load_settings(**values)
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    out = {"YICHUI_NAMESPACE": settings.namespace}
+    for name in ("ca_certs", "certfile", "keyfile"):
+        value = getattr(settings, f"redis_ssl_{name}")
+        if value is not None:
+            out[f"YICHUI_REDIS_SSL_{name.upper()}"] = str(value)
+    return out
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert YICHUI_PASSWORD not in text and ADMIN_PASSWORD not in text
+
+
+# -- the documented ACL ------------------------------------------------------------------------
+
+
+def test_the_documented_acl_is_the_tested_one() -> None:
+    text = DOCS.read_text()
+    block = re.search(r"```\nACL SETUSER yichui (.*?)\n```", text, re.S)
+    assert block, "docs/deployment.md shows the ACL as ACL SETUSER yichui …"
+    documented = block.group(1).replace("\\\n", " ").split()
+    tested = [">PASSWORD" if rule.startswith(">") else rule for rule in YICHUI_ACL]
+    assert documented == tested
+
+
+async def _ask(cache: ResponseCache, calls: list[str], key: str) -> CacheStatus:
+    async with cache.session("org/a", key) as s:
+        if s.body is not None:
+            return s.status
+        calls.append(key)
+        await asyncio.sleep(0.3)
+        await s.commit(json.dumps({"choices": [{"text": "Paris"}]}).encode())
+        return s.status
+
+
+def test_yichui_runs_as_the_acl_user(
+    secure: SecureRedis, certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model status, tasks (enqueue, claim, finish), API keys, the audit log and the response
+    cache with coalescing, as ``yichui`` with the documented ACL (and over TLS)."""
+    _clean_env(monkeypatch)
+    settings = _settings(tmp_path, secure, certs)
+    make_model(settings.models_path, "org/a")
+    rt = Runtime(settings)
+    try:
+        _, target = rt.redis()  # the eviction check (INFO memory) as that user
+        with secure.admin() as admin:
+            admin.acl_log_reset()
+            names = [(c["name"], c["user"]) for c in admin.client_list()]
+        assert ("yichui", "yichui") in names
+        assert target.tls is bool(secure.tls)
+        first = rt.registry.status("org/a")
+        assert first.status.exists and not first.degraded
+        again = rt.registry.status("org/a")
+        assert again.cached and not again.degraded
+        assert rt.registry.listing().models  # the index and listing scripts
+
+        task = rt.tasks.submit("selftest", {"steps": 2, "step_seconds": 0.01})
+        rt.worker(burst=True).run()
+        done = rt.tasks.get(task["id"])
+        assert done["state"] == "succeeded", done
+        assert [e.kind for e in rt.tasks.tail(task["id"], 50)][-1] == "state"
+        _no_secret(json.dumps(done, default=str))
+
+        rt.key_store.create("team-a", "user", name="ci")
+        assert rt.key_store.listing()
+        rt.audit.record(Principal("local", "admin", None, "cli"), "keys.create", "ci")
+        assert rt.audit.entries()
+    finally:
+        rt.close()
+
+    async def cache_side() -> None:
+        made = []
+        for _ in range(2):  # two caches, their own connections: two server processes
+            client = make_async_client(target, settings)
+            cache = ResponseCache(ResponseStore(client, rt.keys), ttl_for=lambda m: 60, timeout=1.0)
+            await cache.start()
+            made.append((cache, client))
+        try:
+            await asyncio.sleep(0.1)  # subscriptions in place
+            calls: list[str] = []
+            statuses = await asyncio.gather(*(_ask(made[i % 2][0], calls, "k1") for i in range(6)))
+            assert calls == ["k1"]
+            assert sorted(statuses) == sorted([CacheStatus.MISS] + [CacheStatus.COALESCED] * 5), (
+                statuses
+            )
+            assert await _ask(made[0][0], calls, "k1") == CacheStatus.HIT
+            assert made[0][0].counts["faults"] == 0 and made[1][0].counts["faults"] == 0
+            assert await made[0][0].clear() == 1  # SCAN MATCH over the namespace
+        finally:
+            for cache, client in made:
+                await cache.close()
+                await client.aclose()
+
+    asyncio.run(cache_side())
+    with secure.admin() as admin:  # nothing was denied; everything is inside its namespace
+        assert admin.acl_log() == []
+        assert all(k.startswith(f"{NAMESPACE}:".encode()) for k in admin.keys("*"))
+
+
+# -- bad input: one line, exit 2, no secret ----------------------------------------------------
+
+
+def _bad_urls(secure: SecureRedis) -> dict[str, tuple[str, str]]:
+    plain = secure.url().replace("rediss://", "redis://")
+    cases = {
+        "wrong password": (secure.url(password="not-the-" + YICHUI_PASSWORD), "authentication"),
+        "unknown user": (secure.url(user="nobody"), "authentication"),
+    }
+    if secure.tls:
+        cases["plain client to the TLS port"] = (plain, "closed the connection")
+    return cases
+
+
+def test_bad_credentials_and_tls_mismatch_are_one_line(
+    secure: SecureRedis, certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clean_env(monkeypatch)
+    settings = _settings(tmp_path, secure, certs)
+    cases = _bad_urls(secure)
+    if secure.tls:  # the server's certificate checked against a CA that did not sign it
+        wrong_ca = {**_env(settings), "YICHUI_REDIS_SSL_CA_CERTS": str(certs.other_ca)}
+        proc = run(settings, "tasks", "submit", "noop", **wrong_ca)
+        assert_one_line_error(proc, 2, "TLS certificate is not trusted")
+        assert "redis_ssl_ca_certs" in proc.stderr
+        _no_secret(proc.stderr, proc.stdout)
+    for what, (url, text) in cases.items():
+        proc = run(settings, "tasks", "submit", "noop", redis_url=url, **_env(settings))
+        assert_one_line_error(proc, 2, text)
+        assert "hint:" in proc.stderr, what
+        _no_secret(proc.stderr, proc.stdout)
+        worker = run(settings, "worker", "--burst", redis_url=url, **_env(settings))
+        assert_one_line_error(worker, 2, text)
+        _no_secret(worker.stderr, worker.stdout)
+
+
+def test_a_user_without_a_needed_command_is_told_which(
+    secure: SecureRedis, certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clean_env(monkeypatch)
+    with secure.admin() as admin:
+        admin.acl_setuser(
+            "blind",
+            enabled=True,
+            passwords=[f"+{YICHUI_PASSWORD}"],
+            keys=["yc:*"],
+            commands=["+ping", "+hello", "+client|setname"],
+        )
+    settings = _settings(tmp_path, secure, certs, redis_url=secure.url(user="blind"))
+    with pytest.raises(RedisSetupError) as info:
+        Runtime(settings).redis()
+    assert "lacks a permission" in str(info.value) and "info" in str(info.value).lower()
+    assert info.value.exit_code == 2
+    _no_secret(str(info.value), str(info.value.hint))
+
+
+# -- eviction ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evicting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("evicting")).start(
+        "--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lfu"
+    )
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lfu", "volatile-lru"])
+def test_an_evicting_state_instance_is_refused(
+    evicting: RedisProcess, settings: Settings, policy: str
+) -> None:
+    with evicting.client() as c:
+        c.config_set("maxmemory-policy", policy)
+    try:
+        for args in (("tasks", "submit", "noop"), ("worker", "--burst"), ("models", "rescan")):
+            proc = run(settings, *args, redis_url=evicting.url)
+            assert_one_line_error(proc, 2, f"maxmemory-policy is {policy}")
+            assert "noeviction" in proc.stderr
+        with pytest.raises(RedisSetupError):
+            Runtime(settings.model_copy(update={"redis_url": evicting.url})).redis()
+    finally:
+        with evicting.client() as c:
+            c.config_set("maxmemory-policy", "allkeys-lfu")
+
+
+def test_noeviction_state_beside_an_evicting_cache(
+    evicting: RedisProcess, settings: Settings
+) -> None:
+    """The cache on its own ``allkeys-lfu`` instance is allowed: tasks run, cache entries go
+    when memory is short and the next request computes the answer again."""
+    s = settings.model_copy(update={"cache_redis_url": evicting.url})
+    rt = Runtime(s)
+    try:
+        task = rt.tasks.submit("noop", {})
+        rt.worker(burst=True).run()
+        assert rt.tasks.get(task["id"])["state"] == "succeeded"
+    finally:
+        rt.close()
+
+    async def fill() -> None:
+        client = make_async_client(rt.cache_target(), s)
+        cache = ResponseCache(ResponseStore(client, rt.keys), ttl_for=lambda m: 600, timeout=1.0)
+        try:
+            body = b"x" * 200_000
+            for i in range(120):  # 24 MB of answers into 8 MB
+                async with cache.session("org/a", f"k{i}") as session:
+                    assert session.body is None
+                    await session.commit(body)
+            assert cache.counts["faults"] == 0  # evicting, never refusing
+            assert await cache.store.get("org/a", "k0") is None  # type: ignore[union-attr]
+            cache.near.drop_model(None)
+            async with cache.session("org/a", "k0") as session:  # evicted: computed again
+                assert session.body is None and session.status == CacheStatus.MISS
+                await session.commit(body)
+        finally:
+            await cache.close()
+            await client.aclose()
+
+    asyncio.run(fill())
+    with evicting.client() as c:
+        assert int(c.info("stats")["evicted_keys"]) > 0
