@@ -137,7 +137,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
 
 
 class SentinelProcess:
-    """One ``redis-server --sentinel`` monitoring ``master_port`` as ``master_name`` (quorum 1)::
+    """One ``redis-server --sentinel`` monitoring ``master_port`` as ``master_name`` (quorum 1
+    unless told; ``tests/sentinel_fixtures.py`` runs three with fast failover settings)::
 
     sentinel = SentinelProcess(tmp_path / "s", master.port).start()
     sentinel.url          # redis+sentinel://127.0.0.1:<port>/mymaster
@@ -153,6 +154,9 @@ class SentinelProcess:
         port: int | None = None,
         master_password: str | None = None,
         password: str | None = None,
+        quorum: int = 1,
+        down_after_ms: int = 5000,
+        failover_timeout_ms: int = 60000,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +165,9 @@ class SentinelProcess:
         self.port = port or free_port()
         self.master_password = master_password
         self.password = password
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -176,14 +183,14 @@ class SentinelProcess:
             "bind 127.0.0.1",
             f"dir {self.workdir}",
             f"logfile {self.workdir / 'sentinel.log'}",
-            f"sentinel monitor {name} 127.0.0.1 {self.master_port} 1",
-            f"sentinel down-after-milliseconds {name} 5000",
-            f"sentinel failover-timeout {name} 60000",
+            f"sentinel monitor {name} 127.0.0.1 {self.master_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
         ]
         if self.master_password:
             lines.append(f"sentinel auth-pass {name} {self.master_password}")
-        if self.password:
-            lines.append(f"requirepass {self.password}")
+        if self.password:  # the other Sentinels of a group share it: they talk to each other
+            lines += [f"requirepass {self.password}", f"sentinel sentinel-pass {self.password}"]
         conf = self.workdir / "sentinel.conf"  # sentinel rewrites it: must be writable
         conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen(

@@ -379,9 +379,10 @@ def test_sentinel_unknown_master(
     target = parse_redis_url(url)
     port = target.nodes[0][1]
     bad = url.replace(f":{port}/yc-master/", f":{port}/no-such-master/")
-    with pytest.raises(RedisUnavailableError) as info:
+    with pytest.raises(RedisSetupError) as info:  # a setting to fix: exit code 2
         connect(make_settings(bad))
-    assert "no-such-master" in str(info.value)
+    assert "'no-such-master'" in str(info.value) and "yc-master" in str(info.value)
+    assert info.value.exit_code == 2
 
 
 # -- Cluster ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ it with (``status``) and the exit code the CLI ends with (``exit_code``)::
     │   │                                                  up (password, ACL, TLS, eviction):
     │   │                                                  exit code 2, a setting to fix
     │   ├── RedisFullError                            503  Redis is out of memory (maxmemory)
+    │   ├── NotDurableError                           503  a write not replicated / synced in time
     │   └── EmbeddedRedisError                        503  the private redis-server failed
     ├── ModelError                                    500  anything about one model (``name``)
     │   ├── InvalidModelNameError (ValueError)        400
@@ -203,6 +204,21 @@ class RedisFullError(StateError):
             f"Redis is out of memory (maxmemory reached): {what} refused",
             hint="free memory or raise maxmemory on the state instance (docs/deployment.md)",
         )
+
+
+class NotDurableError(StateError):
+    """A write Redis took but could not make as durable as ``task_durability`` asks within its
+    timeout (too few replicas acknowledged it, or its AOF was not synced): it may still be
+    lost on a failover."""
+
+    def __init__(self, what: str, wanted: str, got: str) -> None:
+        super().__init__(
+            f"{what}: wanted {wanted}, got {got} in time",
+            hint="check the replicas (INFO replication), or lower task_durability_replicas; "
+            "submitting again with the same task id is safe",
+        )
+        self.wanted = wanted
+        self.got = got
 
 
 class EmbeddedRedisError(StateError):

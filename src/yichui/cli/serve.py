@@ -52,6 +52,7 @@ def serve(
     # one that is down is no failure (served uncached until it is back)
     with contextlib.suppress(RedisUnavailableError):
         rt.redis()
+    rt.check_redis_names()  # a Sentinel master name no Sentinel monitors (the cache's too)
     base = worker_metrics_port or s.worker_metrics_port
     if base is not None and base + workers - 1 > 65535:
         raise ConfigError(f"worker metrics ports {base}..{base + workers - 1} run past 65535")

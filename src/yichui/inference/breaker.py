@@ -52,6 +52,13 @@ class Breaker:
     def success(self) -> None:
         self.failures, self.opened_at, self._probing = 0, None, False
 
+    def reset(self, why: str) -> None:
+        """Close now, cooldown or not: the dependency says it is back (a Sentinel announced a
+        new master), so the next call tries it. The cooldown stays the fallback."""
+        if self.opened_at is not None:
+            log.info("response cache: %s, using Redis again", why)
+        self.success()
+
     def failure(self) -> None:
         self.failures += 1
         self._probing = False

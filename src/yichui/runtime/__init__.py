@@ -36,6 +36,7 @@ from yichui.state.fleet import ServerStore
 from yichui.state.keys import Keys
 from yichui.state.memory import check_no_eviction
 from yichui.state.model_status import ModelStatusStore
+from yichui.state.sentinel import SentinelWatch, check_master
 from yichui.state.task_store import TaskStore
 from yichui.tasks.service import TaskService
 from yichui.tasks.types import TaskTypes
@@ -157,7 +158,14 @@ class Runtime:
         client, _ = self.redis()
         s = self.settings
         return TaskStore(
-            client, self.keys, ttl=s.task_ttl, jitter=s.ttl_jitter, log_max=s.task_log_max
+            client,
+            self.keys,
+            ttl=s.task_ttl,
+            jitter=s.ttl_jitter,
+            log_max=s.task_log_max,
+            durability=s.task_durability,
+            replicas=s.task_durability_replicas,
+            durability_timeout=s.task_durability_timeout,
         )
 
     @cached_property
@@ -176,7 +184,7 @@ class Runtime:
         from yichui.tasks.worker import Worker
 
         s = self.settings
-        return Worker(
+        worker = Worker(
             self.task_store,
             self.task_types,
             queue=queue or s.task_queue,
@@ -191,6 +199,23 @@ class Runtime:
             services=self,
             metrics=self.metrics,
         )
+        client, target = self.redis()
+        if target.kind == "sentinel":
+
+            def switched(host: str, port: int) -> None:
+                # idle connections to the old master go; every retry wait ends at once
+                client.connection_pool.disconnect(inuse_connections=False)  # type: ignore[union-attr]
+                worker.redis_changed()
+
+            worker.failovers = SentinelWatch(target, s, on_switch=switched)
+        return worker
+
+    def check_redis_names(self) -> None:
+        """RedisSetupError (exit 2) when a Sentinel URL names a master no Sentinel monitors."""
+        for url in (self.settings.redis_url, self.settings.cache_redis_url):
+            target = parse_redis_url(url) if url else None
+            if target is not None and target.kind == "sentinel":
+                check_master(target, self.settings)
 
     # -- training -------------------------------------------------------------------------------
     @cached_property

@@ -43,6 +43,7 @@ from yichui.errors import (
     RedisUnavailableError,
     StateError,
 )
+from yichui.state.sentinel import check_master
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -273,6 +274,8 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRed
         client = make_sync_client(target, settings)
         client.ping()
     except REDIS_ERRORS as exc:
+        if target.kind == "sentinel":
+            check_master(target, settings)  # a master name no Sentinel knows is a setting
         raise connect_error(target, exc) from exc
     return client, target
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import enum
 import random
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
-from yichui.errors import StateError
+from yichui.errors import NotDurableError, RedisSetupError, StateError
 from yichui.state import task_lua
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import REDIS_ERRORS, SyncRedis, state_errors
@@ -123,12 +125,21 @@ class TaskStore:
         ttl: int,
         jitter: float = 0.1,
         log_max: int = 5000,
+        durability: str = "none",
+        replicas: int = 1,
+        durability_timeout: float = 1.0,
     ) -> None:
         self.client: Any = client  # redis-py's stubs type replies too loosely to help here
         self.keys = keys
         self.ttl = ttl
         self.jitter = jitter
         self.log_max = log_max
+        self.durability = durability
+        """``none``, ``replicated`` (WAIT) or ``fsync`` (WAITAOF): what :meth:`enqueue` waits
+        for (``task_durability``)."""
+        self.replicas = replicas
+        self.durability_timeout = durability_timeout
+        self._waitaof: bool | None = None  # whether the server has WAITAOF (Redis >= 7.2)
         self._scripts = {
             name: client.register_script(getattr(task_lua, name))
             for name in (
@@ -156,7 +167,7 @@ class TaskStore:
     def _keep_ms(self) -> int:
         return int(self.ttl * 1000 * (1.0 + self.jitter))
 
-    def _run(self, script: str, task_id: str, queue: str, *args: Any) -> Any:
+    def _run(self, script: str, task_id: str, queue: str, *args: Any, client: Any = None) -> Any:
         k = self.keys
         keys = [
             k.task_status(task_id),
@@ -167,7 +178,7 @@ class TaskStore:
             *self._index_keys,
         ]
         argv = [task_id, k.task_events(), self.log_max, GROUP, *args]
-        return self._scripts[script](keys=keys, args=argv)
+        return self._scripts[script](keys=keys, args=argv, client=client)
 
     def queue_of(self, task_id: str) -> str | None:
         q = self.client.hget(self.keys.task_status(task_id), "queue")
@@ -189,20 +200,63 @@ class TaskStore:
         """Queue a task unless ``task_id`` exists: -> (created, type, args) of the stored task.
         ``tenant`` is recorded as the task's owner (``status["tenant"]``)."""
         payload = dumps(dict(args)).decode()
-        res = self._run(
-            "ENQUEUE",
-            task_id,
-            queue,
-            type_,
-            payload,
-            queue,
-            max_attempts,
-            int(delay * 1000),
-            tenant,
-        )
+        argv = (type_, payload, queue, max_attempts, int(delay * 1000), tenant)
+        if self.durability == "none":
+            res = self._run("ENQUEUE", task_id, queue, *argv)
+        else:
+            res = self._durable_enqueue(task_id, queue, argv)
         if int(res[0]) == 1:
             return True, type_, dict(args)
         return False, _s(res[1]), loads(res[2]) if res[2] else {}
+
+    def _durable_enqueue(self, task_id: str, queue: str, argv: tuple[Any, ...]) -> Any:
+        """ENQUEUE, then WAIT / WAITAOF on the same connection (both count what this
+        connection wrote): one pipeline, so no other thread's command comes between."""
+        fsync = self.durability == "fsync"
+        if fsync and not self._has_waitaof():
+            raise RedisSetupError(
+                "the state instance",
+                f'task_durability = "fsync" needs WAITAOF (Redis >= 7.2); '
+                f"this server is Redis {self._version()}",
+                hint='set task_durability = "replicated" (WAIT: in the replicas\' memory), '
+                "or upgrade Redis to 7.2 or later",
+            )
+        if isinstance(self.client, RedisCluster):
+            raise RedisSetupError(
+                "the state instance",
+                "task_durability needs a standalone or Sentinel Redis (WAIT goes to one node)",
+                hint='set task_durability = "none" with Redis Cluster',
+            )
+        timeout_ms = max(1, int(self.durability_timeout * 1000))
+        pipe = self.client.pipeline(transaction=False)
+        self._run("ENQUEUE", task_id, queue, *argv, client=pipe)
+        if fsync:
+            pipe.execute_command("WAITAOF", 1, self.replicas, timeout_ms)
+        else:
+            pipe.execute_command("WAIT", self.replicas, timeout_ms)
+        res, acked = pipe.execute()
+        if fsync:
+            local, remote = int(acked[0]), int(acked[1])
+            if local < 1 or remote < self.replicas:
+                raise NotDurableError(
+                    f"task {task_id} queued",
+                    f"the AOF fsynced here and on {self.replicas} replica(s)",
+                    f"{'here' if local else 'not here'} and on {remote}",
+                )
+        elif int(acked) < self.replicas:
+            raise NotDurableError(
+                f"task {task_id} queued", f"{self.replicas} replica(s)", f"{int(acked)}"
+            )
+        return res
+
+    def _version(self) -> str:
+        return str(self.client.info("server").get("redis_version", "unknown"))
+
+    def _has_waitaof(self) -> bool:
+        if self._waitaof is None:
+            parts = [int(p) for p in re.findall(r"\d+", self._version())[:2]] or [0]
+            self._waitaof = tuple(parts) >= (7, 2)
+        return self._waitaof
 
     @state_errors
     def cancel(self, task_id: str, reason: str = "cancelled by user") -> tuple[str, str]:

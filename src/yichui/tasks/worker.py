@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from yichui.backoff import Backoff
 from yichui.backoff import delay as jittered_delay
@@ -72,6 +72,15 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
 
 
 _ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, StateError)
+
+
+class FailoverWatch(Protocol):
+    """Follows the Redis master (``state/sentinel.py``'s :class:`SentinelWatch`) and calls
+    back :meth:`Worker.redis_changed` when it changes."""
+
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+
 
 STALE_WORKER_MIN = 60.0
 """Seconds of silence (at least) before a worker's entry and consumer are dropped."""
@@ -114,6 +123,7 @@ class Worker:
         block: float = 1.0,
         grace: float = 10.0,
         metrics: Metrics | None = None,
+        failovers: FailoverWatch | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics(role="worker")
@@ -141,6 +151,9 @@ class Worker:
         self._hand_back_on_stop = False
         self._signals = 0
         self._redis_down = False
+        self.failovers = failovers
+        """Calls :meth:`redis_changed` on a new master (a Sentinel's ``+switch-master``)."""
+        self._master_changes = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self, *, install_signals: bool = True) -> Counter[str]:
@@ -151,6 +164,8 @@ class Worker:
             # before the first Redis call: a SIGTERM while Redis is still down stops us too
             for sig in (signal.SIGTERM, signal.SIGINT, PARENT_GONE):
                 signal.signal(sig, self._on_signal)
+        if self.failovers is not None:
+            self.failovers.start()
         try:
             self._until_redis(lambda: self.store.ensure_group(self.queue))
         except _Stopped:
@@ -172,6 +187,8 @@ class Worker:
         finally:
             self._stop.set()
             self._shut_down(slots, keeper)
+            if self.failovers is not None:
+                self.failovers.stop()
         log.info("worker %s stopped: %s", self.id, dict(self.stats) or "no tasks")
         return self.stats
 
@@ -295,11 +312,27 @@ class Worker:
                 out = fn()
             except _ERRORS as exc:
                 self._down(exc)
-                if self._stop.wait(backoff.next()):
+                if self._pause(self._stop, backoff.next()):
                     raise _Stopped from exc
                 continue
             self._up()
             return out
+
+    def redis_changed(self) -> None:
+        """A new Redis master (a failover): every wait between retries ends now."""
+        self._master_changes += 1
+
+    def _pause(self, event: threading.Event, delay: float) -> bool:
+        """Wait ``delay`` s, or less when the master changes meanwhile; True once ``event``
+        (stop or halt) is set. Polls the change every 50 ms: no wake-up to miss."""
+        seen = self._master_changes
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            if event.wait(min(left, 0.05)):
+                return True
+            if self._master_changes != seen:
+                break
+        return event.is_set()
 
     def _down(self, exc: BaseException) -> None:
         if not self._redis_down:
@@ -321,7 +354,7 @@ class Worker:
                 backoff.reset()
             except _ERRORS as exc:
                 self._down(exc)
-                self._stop.wait(backoff.next())
+                self._pause(self._stop, backoff.next())
                 continue
             for entry_id, task_id in deliveries:
                 with self._lock:
@@ -466,7 +499,7 @@ class Worker:
                 break
             except _ERRORS as exc:  # keep the result until Redis takes it (or the lease goes)
                 self._down(exc)
-                if self._halt.wait(backoff.next()):  # shut down before Redis came back
+                if self._pause(self._halt, backoff.next()):  # shut down before Redis came back
                     self._count(ctx, "abandoned")
                     return
         if ok:

@@ -1,0 +1,246 @@
+"""A Sentinel-managed Redis for high-availability tests: a master, a replica and three Sentinels
+(quorum 2) on loopback ports, tuned to fail over in about a second and a half::
+
+    ha = SentinelGroup(tmp_path, password="pw", sentinel_password="spw").start()
+    ha.url(db=1)          # redis+sentinel://:pw@127.0.0.1:<s1>,…/yc-ha/1?sentinel_password=spw
+    switches = ha.listen()            # the test's own +switch-master subscriber
+    ha.kill_master()                  # SIGKILL; the Sentinels promote the replica
+    switches.wait()                   # time.monotonic() of the first +switch-master seen
+    ha.restart_old_master()           # it comes back and the Sentinels make it a replica
+    ha.stop()
+
+Also a ``stamp`` task type (this module is an ``extensions`` entry): it sleeps ``seconds`` and
+records when each run started, in this process (:data:`RUNS`), so a test can tell when workers
+claimed again after a failover.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import Field
+
+from tests.redis_proc import (
+    PasswordRedisProcess,
+    RedisProcess,
+    SentinelProcess,
+    wait_until,
+)
+from yichui.tasks.context import TaskContext
+from yichui.tasks.types import TaskArgs, TaskType
+
+DOWN_AFTER_MS = 1000
+"""A master silent this long is subjectively down (Redis' default is 30 s)."""
+FAILOVER_TIMEOUT_MS = 3000
+"""A failover that stalls is tried again after this (Redis' default is 3 minutes)."""
+
+
+class SentinelGroup:
+    """A master, a replica and three Sentinels (see the module docstring)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        master_name: str = "yc-ha",
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.master_name = master_name
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.servers = [self._server("a"), self._server("b")]
+        self.sentinels = [
+            SentinelProcess(
+                self.workdir / f"sentinel{i}",
+                self.servers[0].port,
+                master_name=master_name,
+                master_password=password,
+                password=sentinel_password,
+                quorum=2,
+                down_after_ms=DOWN_AFTER_MS,
+                failover_timeout_ms=FAILOVER_TIMEOUT_MS,
+            )
+            for i in range(3)
+        ]
+        self.killed: RedisProcess | None = None
+
+    def _server(self, name: str) -> RedisProcess:
+        if self.password:
+            return PasswordRedisProcess(self.workdir / name, self.password)
+        return RedisProcess(self.workdir / name)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> SentinelGroup:
+        master, replica = self.servers
+        try:
+            master.start()
+            replica.start("--replicaof", "127.0.0.1", str(master.port))
+            wait_until(lambda: _linked(replica), timeout, "the replica in sync")
+            for sentinel in self.sentinels:
+                sentinel.start()
+            # a failover needs a quorum of Sentinels that know each other and the replica
+            wait_until(self._ready, timeout, "three Sentinels that know each other")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        for sentinel in self.sentinels:
+            with sentinel.client() as c:
+                info = _fields(c.execute_command("SENTINEL", "MASTER", self.master_name))
+                if info["num-other-sentinels"] != "2" or info["num-slaves"] != "1":
+                    return False
+        return True
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        for server in self.servers:
+            server.stop()
+
+    # -- addresses ------------------------------------------------------------------------------
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        nodes = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}{nodes}/{self.master_name}/{db}{query}"
+
+    def master_port(self) -> int:
+        """The master's port as the first Sentinel that answers sees it."""
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.client() as c:
+                    addr = c.execute_command(
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
+                    )
+                    return int(addr[1])
+            except redis.RedisError:
+                continue
+        raise RuntimeError("no Sentinel answers")
+
+    def master(self) -> RedisProcess:
+        port = self.master_port()
+        return next(s for s in self.servers if s.port == port)
+
+    def replica(self) -> RedisProcess:
+        port = self.master_port()
+        return next(s for s in self.servers if s.port != port)
+
+    # -- faults ---------------------------------------------------------------------------------
+    def listen(self) -> SwitchListener:
+        return SwitchListener(self).start()
+
+    def kill_master(self) -> RedisProcess:
+        """SIGKILL the master (no AOF flush, no goodbye); -> its process, to restart later."""
+        master = self.master()
+        master.kill()
+        self.killed = master
+        return master
+
+    def restart_old_master(
+        self, *, as_replica: bool = False, timeout: float = 30.0
+    ) -> RedisProcess:
+        """Start the killed master again (empty: no AOF) and wait until it is a replica of the
+        new master, in sync. ``as_replica``: started with ``--replicaof`` the new master (as a
+        supervisor with a rewritten config would); else it comes back a master and the
+        Sentinels convert it (they wait 8 s of it reporting the wrong role: slow)."""
+        old = self.killed
+        assert old is not None, "kill_master() first"
+        if as_replica:
+            old.start("--replicaof", "127.0.0.1", str(self.master_port()))
+        else:
+            old.start()
+        wait_until(lambda: _linked(old), timeout, "the old master turned replica, in sync")
+        self.killed = None
+        return old
+
+
+class SwitchListener:
+    """The test's own subscriber to ``+switch-master`` on every Sentinel of a group."""
+
+    def __init__(self, group: SentinelGroup) -> None:
+        self.group = group
+        self.first: float | None = None
+        """``time.monotonic()`` of the first ``+switch-master`` any Sentinel published."""
+        self.messages: list[tuple[float, str]] = []
+        self._seen = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> SwitchListener:
+        ready = threading.Barrier(len(self.group.sentinels) + 1)
+        for sentinel in self.group.sentinels:
+            t = threading.Thread(target=self._follow, args=(sentinel, ready), daemon=True)
+            t.start()
+            self._threads.append(t)
+        ready.wait(timeout=10)
+        return self
+
+    def _follow(self, sentinel: SentinelProcess, ready: threading.Barrier) -> None:
+        with sentinel.client() as c, c.pubsub(ignore_subscribe_messages=True) as pubsub:
+            pubsub.subscribe("+switch-master")
+            pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+            ready.wait(timeout=10)
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=0.2)
+                if message is None:
+                    continue
+                now = time.monotonic()
+                self.messages.append((now, _text(message["data"])))
+                if self.first is None or now < self.first:
+                    self.first = now
+                self._seen.set()
+
+    def wait(self, timeout: float = 30.0) -> float:
+        if not self._seen.wait(timeout):
+            raise RuntimeError("no +switch-master within the timeout")
+        assert self.first is not None
+        return self.first
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+def _linked(server: RedisProcess) -> bool:
+    with server.client() as c:
+        info = c.info("replication")
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    if isinstance(raw, dict):
+        return {_text(k): _text(v) for k, v in raw.items()}
+    return {_text(k): _text(v) for k, v in zip(raw[::2], raw[1::2], strict=False)}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- the ``stamp`` task type -----------------------------------------------------------------
+
+RUNS: list[tuple[str, float]] = []
+"""(task id, ``time.monotonic()``) of each run's start, in the process that ran it."""
+
+
+class StampArgs(TaskArgs):
+    seconds: float = Field(default=0.1, ge=0, le=10)
+
+
+def task_types() -> list[TaskType]:
+    return [TaskType("stamp", StampArgs, "tests.sentinel_fixtures:stamp", "sleep, noting when")]
+
+
+def stamp(ctx: TaskContext, args: StampArgs) -> dict[str, Any]:
+    RUNS.append((ctx.id, time.monotonic()))
+    time.sleep(args.seconds)
+    return {"slept": args.seconds}
