@@ -298,3 +298,70 @@ def test_noeviction_state_beside_an_evicting_cache(
     asyncio.run(fill())
     with evicting.client() as c:
         assert int(c.info("stats")["evicted_keys"]) > 0
+
+
+# -- a full Redis, the largest cached answer ------------------------------------------------------
+
+
+@pytest.fixture
+def full(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A noeviction instance filled to its maxmemory: every write is refused (OOM)."""
+    server = RedisProcess(tmp_path / "full").start()
+    with server.client() as c:  # 2 MB of ballast over a 1 MB limit: no room left at all
+        c.set("ballast", b"x" * 2_000_000)
+        c.config_set("maxmemory", "1mb")
+    yield server
+    server.stop()
+
+
+def test_a_full_redis_serves_uncached_and_shows_in_metrics(
+    full: RedisProcess, settings: Settings
+) -> None:
+    s = settings.model_copy(update={"redis_url": full.url})
+    rt = Runtime(s)
+
+    async def serve_one() -> None:
+        client = make_async_client(rt.cache_target(), s)
+        cache = ResponseCache(ResponseStore(client, rt.keys), ttl_for=lambda m: 60, timeout=1.0)
+        try:
+            async with cache.session("org/a", "k-full") as session:
+                assert session.body is None  # computed, answered; not stored
+                await session.commit(b'{"choices": []}')
+            assert cache.counts["faults"] >= 1 and cache.counts["stored"] == 0
+        finally:
+            await cache.close()
+            await client.aclose()
+
+    try:
+        asyncio.run(serve_one())
+        text = rt.metrics.exposition(rt.probe().read()).decode()
+        match = re.search(
+            r'yichui_redis_oom_errors_total\{redis="state",scope="cluster"\} (\S+)', text
+        )
+        assert match and float(match.group(1)) >= 2, text
+    finally:
+        rt.close()
+
+
+async def test_a_larger_answer_than_cache_max_entry_bytes_is_served_not_stored(
+    settings: Settings,
+) -> None:
+    from yichui.state.connection import parse_redis_url
+
+    client = make_async_client(parse_redis_url(str(settings.redis_url)), settings)
+    cache = ResponseCache(
+        ResponseStore(client, Runtime(settings).keys), ttl_for=lambda m: 60, max_entry_bytes=1000
+    )
+    try:
+        for key, size in (("small", 999), ("large", 1001)):
+            async with cache.session("org/a", key) as session:
+                assert session.body is None
+                await session.commit(b"x" * size)
+        assert await cache.store.get("org/a", "small") is not None  # type: ignore[union-attr]
+        assert await cache.store.get("org/a", "large") is None  # type: ignore[union-attr]
+        assert cache.counts["too_large"] == 1
+        text = cache.metrics.exposition().decode()
+        assert 'yichui_cache_too_large_total{endpoint="other",model="org/a"} 1.0' in text
+    finally:
+        await cache.close()
+        await client.aclose()

@@ -164,16 +164,6 @@ class Settings(BaseSettings):
     """Seconds before the first retry; doubled on each further one, with ±50 % jitter."""
     task_backoff_max: float = Field(default=300.0, ge=0)
     """Longest wait between two attempts."""
-    task_durability: Literal["none", "replicated", "fsync"] = "none"
-    """What a submit waits for once the task is queued: ``none`` (the master has it in
-    memory), ``replicated`` (``WAIT``: ``task_durability_replicas`` replicas have it) or
-    ``fsync`` (``WAITAOF``, Redis >= 7.2: the master's AOF and that many replicas' are synced).
-    Short of it within ``task_durability_timeout``, the submit fails (the task may still run:
-    submit it again with its id)."""
-    task_durability_replicas: int = Field(default=1, ge=0)
-    """Replicas a ``replicated`` / ``fsync`` submit waits for."""
-    task_durability_timeout: float = Field(default=1.0, gt=0)
-    """Seconds a submit waits for them."""
     task_log_max: int = Field(default=5000, ge=10)
     """Entries a task's log stream keeps (log lines, progress and state changes)."""
     task_progress_interval: float = Field(default=0.5, ge=0)
@@ -237,6 +227,8 @@ class Settings(BaseSettings):
     without Redis (0: off). Stores and clears anywhere drop the entries concerned at once."""
     cache_near_bytes: int = Field(default=64 * 1024**2, ge=0)
     """Memory bound of that near cache, per server process."""
+    cache_max_entry_bytes: int = Field(default=4 * 1024**2, gt=0)
+    """Largest answer stored in the response cache; larger ones are served, not stored."""
     cache_wait: float = Field(default=120.0, gt=0)
     """Longest wait for an identical request computing the same answer (then compute it)."""
     max_body_bytes: int = Field(default=20 * 1024**2, gt=0)

@@ -67,7 +67,14 @@ OTHER = "other"
 CacheResult = Literal["hit", "miss", "coalesced", "bypass"]
 RESULTS: frozenset[str] = frozenset({"hit", "miss", "coalesced", "bypass"})
 CacheEvent = Literal[
-    "stored", "faults", "near_hits", "fast_hits", "errors", "coalesced_errors", "coalesce_timeouts"
+    "stored",
+    "faults",
+    "near_hits",
+    "fast_hits",
+    "errors",
+    "coalesced_errors",
+    "coalesce_timeouts",
+    "too_large",
 ]
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -91,13 +98,18 @@ REDIS_INFO: Mapping[str, tuple[str, str]] = {
         "Resident memory over used memory (INFO mem_fragmentation_ratio).",
     ),
     "evicted_keys": ("evicted_keys", "Keys evicted for maxmemory since Redis started."),
+    "errorstat_OOM": (
+        "oom_errors",
+        "Commands Redis refused since it started because maxmemory was reached (INFO "
+        "errorstats: OOM command not allowed).",
+    ),
     "expired_keys": ("expired_keys", "Keys expired since Redis started."),
     "connected_clients": ("connected_clients", "Client connections open now."),
     "instantaneous_ops_per_sec": ("ops_per_second", "Commands per second (Redis's estimate)."),
 }
 """The Redis ``INFO`` figures exported, each as ``yichui_redis_<suffix>`` (``_total`` added to
 the counters)."""
-_COUNTERS = frozenset({"evicted_keys", "expired_keys"})
+_COUNTERS = frozenset({"evicted_keys", "expired_keys", "errorstat_OOM"})
 
 
 @dataclass
@@ -166,6 +178,11 @@ class Metrics:
             "yichui_cache_coalesce_timeouts",
             "Requests that waited cache_wait seconds for an identical computation and then "
             "computed their answer themselves.",
+            ("endpoint", "model"),
+        )
+        self.cache_too_large = loop.counter(
+            "yichui_cache_too_large",
+            "Answers served but not stored because they exceed cache_max_entry_bytes.",
             ("endpoint", "model"),
         )
         self.cache_lookup_seconds = loop.histogram(
@@ -313,6 +330,8 @@ class Metrics:
             self.cache_near_hits.inc((endpoint, model))
         elif event == "coalesce_timeouts":
             self.cache_coalesce_timeouts.inc((endpoint, model))
+        elif event == "too_large":
+            self.cache_too_large.inc((endpoint, model))
         elif event != "fast_hits":  # a fast hit is a near hit too: only the fleet tells apart
             kind = "compute" if event == "errors" else "coalesced"
             self.cache_errors.inc((endpoint, model, kind))

@@ -81,9 +81,12 @@ class ResponseCache:
         breaker: Breaker | None = None,
         near_ttl: float = 10.0,
         near_bytes: int = 64 * 1024**2,
+        max_entry_bytes: int = 4 * 1024**2,
         metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.max_entry_bytes = max_entry_bytes
+        """Largest answer stored; a larger one is served, not stored (counted ``too_large``)."""
         self.metrics = metrics or Metrics()
         self.near_ttl = near_ttl
         self.near = NearCache(ttl=near_ttl, max_bytes=near_bytes)
@@ -701,6 +704,9 @@ class CacheSession:
         await self._flush()
         self._stop_renewal()
         store, token = c.store, self._token
+        if self.store_allowed and cacheable and len(body) > c.max_entry_bytes:
+            cacheable = False  # served, not stored: waiters elsewhere compute it themselves
+            c.count("too_large", *self._labels)
         if store is not None and token is not None:
             if self._broken:  # its live readers did not get every piece: they must know
                 message = {"message": "not stored", "retry": True}

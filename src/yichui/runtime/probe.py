@@ -74,6 +74,7 @@ class ClusterProbe:
             if client is not None:
                 try:
                     info = info_figures(client[0], client[1], REDIS_INFO)
+                    info.setdefault("errorstat_OOM", 0.0)  # absent until the first one
                 except _FAULTS as exc:
                     log.debug("metrics: Redis %s did not answer: %r", name, exc)
             snap.redis[name] = info

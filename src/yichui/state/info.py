@@ -22,6 +22,9 @@ def info_figures(client: SyncRedis, target: RedisTarget, fields: Iterable[str]) 
         nodes: list[Mapping[str, Any]] = list(raw.values()) if _per_node(raw) else [raw]
     else:
         nodes = [client.info()]
+    # an errorstat_<CODE> field is a dict ({"count": N}); absent until the first such error
+    nodes = [{k: (v.get("count", 0) if isinstance(v, dict) else v) for k, v in n.items()}
+             for n in nodes]  # fmt: skip
     out: dict[str, float] = {}
     for name in wanted:
         values = [float(n[name]) for n in nodes if _number(n.get(name))]
