@@ -164,6 +164,16 @@ class Settings(BaseSettings):
     """Seconds before the first retry; doubled on each further one, with ±50 % jitter."""
     task_backoff_max: float = Field(default=300.0, ge=0)
     """Longest wait between two attempts."""
+    task_durability: Literal["none", "replicated", "fsync"] = "none"
+    """What a submit waits for once the task is queued: ``none`` (the master has it in
+    memory), ``replicated`` (``WAIT``: ``task_durability_replicas`` replicas have it) or
+    ``fsync`` (``WAITAOF``, Redis >= 7.2: the master's AOF and that many replicas' are synced).
+    Short of it within ``task_durability_timeout``, the submit fails (the task may still run:
+    submit it again with its id)."""
+    task_durability_replicas: int = Field(default=1, ge=0)
+    """Replicas a ``replicated`` / ``fsync`` submit waits for."""
+    task_durability_timeout: float = Field(default=1.0, gt=0)
+    """Seconds a submit waits for them."""
     task_log_max: int = Field(default=5000, ge=10)
     """Entries a task's log stream keeps (log lines, progress and state changes)."""
     task_progress_interval: float = Field(default=0.5, ge=0)

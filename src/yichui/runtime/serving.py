@@ -33,11 +33,13 @@ from yichui.runtime.fleet import FleetHeartbeat
 from yichui.state.connection import (
     REDIS_ERRORS,
     AsyncRedis,
+    RedisTarget,
     make_async_client,
     parse_redis_url,
 )
 from yichui.state.events import model_events
 from yichui.state.response_store import ResponseStore
+from yichui.state.sentinel import AsyncSentinelWatch, check_master
 
 if TYPE_CHECKING:
     from yichui.runtime import Runtime
@@ -65,6 +67,7 @@ class ServingServices:
         self._sessions: SessionStore | None = None
         self._feed: EventFeed | None = None
         self._fleet: FleetHeartbeat | None = None
+        self._sentinels: list[AsyncSentinelWatch] = []
         self.auth: Authenticator = rt.authenticator()
         """Checks every request's key without a Redis call (its table kept fresh here)."""
         self.metrics = rt.metrics
@@ -106,8 +109,12 @@ class ServingServices:
             log.warning("Redis unavailable at start (%s): serving uncached", exc)
             state_url = s.redis_url or UNREACHABLE
         cache_url = s.cache_redis_url or state_url
-        self._state = make_async_client(parse_redis_url(state_url), s)
-        self._cache_client = make_async_client(parse_redis_url(cache_url), s)
+        state_target, cache_target = parse_redis_url(state_url), parse_redis_url(cache_url)
+        for target in _distinct(state_target, cache_target):
+            if target.kind == "sentinel":  # an unknown master name stops us here (exit 2)
+                await asyncio.to_thread(check_master, target, s)
+        self._state = make_async_client(state_target, s)
+        self._cache_client = make_async_client(cache_target, s)
         self._sessions = SessionStore(self._state, rt.keys, s.session_ttl)
         self._feed = EventFeed(self._state, rt.keys, buffer=s.sse_buffer)
         if not self.auth.local:  # the keys, before the first request is let in
@@ -137,6 +144,7 @@ class ServingServices:
             self._router, self._cache, shared=s.cache_shared, wait=s.cache_wait, metrics=rt.metrics
         )
         self._watcher = asyncio.create_task(self._watch_models(), name="model-events")
+        self._follow_failovers(state_target, cache_target)
         self._fleet = FleetHeartbeat(s, rt.keys, self._state, self._router, self._cache)
         self._fleet.start()  # what this server has loaded, for `yichui ps`
 
@@ -147,9 +155,34 @@ class ServingServices:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _follow_failovers(self, state: RedisTarget, cache: RedisTarget) -> None:
+        """On a Sentinel's ``+switch-master``, drop the idle connections to the old master and
+        close the cache's breaker at once: hits come back as soon as the replica is promoted,
+        not a cooldown later (the cooldown stays the fallback)."""
+        clients = [(state, self._state), (cache, self._cache_client)]
+        for target in _distinct(state, cache):
+            if target.kind != "sentinel":
+                continue
+            mine = [c for t, c in clients if t == target and c is not None]
+
+            async def switched(host: str, port: int, mine: list[AsyncRedis] = mine) -> None:
+                for client in mine:  # a Sentinel master's client: one pool
+                    pool = getattr(client, "connection_pool", None)
+                    with contextlib.suppress(Exception):
+                        await pool.disconnect(inuse_connections=False)  # type: ignore[union-attr]
+                if self._cache is not None:
+                    self._cache.breaker.reset(f"new Redis master {host}:{port}")
+
+            self._sentinels.append(AsyncSentinelWatch(target, self.settings, on_switch=switched))
+        for watch in self._sentinels:
+            watch.start()
+
     async def close(self) -> None:
         if self._fleet is not None:
             await self._fleet.close()  # first: `ps` lists no server that is shutting down
+        for watch in self._sentinels:
+            await watch.close()
+        self._sentinels = []
         for task in (self._watcher, self._keys_task):
             if task is not None:
                 task.cancel()
@@ -187,6 +220,15 @@ class ServingServices:
 
 
 T = TypeVar("T")
+
+
+def _distinct(*targets: RedisTarget) -> list[RedisTarget]:
+    """``targets`` without repeats (a target holds a dict: not hashable)."""
+    out: list[RedisTarget] = []
+    for target in targets:
+        if target not in out:
+            out.append(target)
+    return out
 
 
 def _started(value: T | None) -> T:
