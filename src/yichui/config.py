@@ -55,6 +55,98 @@ def check_queue_name(value: str) -> str:
     return value
 
 
+SWIFT_ROUTE_ARGS = ("host", "port", "served_model_name", "api_key")
+"""``swift deploy`` arguments a launch takes from its route (url, model, api_key)."""
+
+_Arg = str | int | float | bool
+
+
+class SwiftDeployLaunch(BaseModel):
+    """``swift deploy`` of ms-swift, run by ``swift_python``'s interpreter; its host, port,
+    served model name and API key come from the route::
+
+        swift_deploy = { model = "smollm2-135m-instruct", model_type = "llama" }
+
+    Any other field is passed on as ``--<field> <value>`` (``infer_backend = "vllm"``,
+    ``torch_dtype = "bfloat16"``, ``max_model_len = 8192``): a list as several values, a bool
+    as ``true`` / ``false``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
+
+    model: str = Field(min_length=1)
+    """A yichui model name (its folder in the models root), a folder, or a hub id that
+    ms-swift fetches itself."""
+    model_type: str | None = None
+    template: str | None = None
+
+    @model_validator(mode="after")
+    def _check_args(self) -> SwiftDeployLaunch:
+        for key, value in (self.model_extra or {}).items():
+            if key in SWIFT_ROUTE_ARGS:
+                raise ValueError(f"{key} is taken from the route (url, model, api_key): remove it")
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not a swift deploy argument name")
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, _Arg) for v in items):
+                raise ValueError(f"{key}: use a string, number, bool or a list of them")
+        return self
+
+    def arguments(self) -> dict[str, _Arg | list[_Arg]]:
+        """Every argument but ``model``, in the order written."""
+        fields = {"model_type": self.model_type, "template": self.template}
+        out: dict[str, _Arg | list[_Arg]] = {k: v for k, v in fields.items() if v is not None}
+        out.update(self.model_extra or {})
+        return out
+
+
+class EngineLaunch(BaseModel):
+    """How ``yichui serve`` starts the engine behind a route and keeps it up (the route's
+    ``launch`` table): ``swift_deploy`` or any ``command``, never both::
+
+        [upstreams."smol".launch]
+        swift_deploy = { model = "smollm2-135m-instruct", template = "chatml" }
+
+        [upstreams."qwen".launch]
+        command = ["vllm", "serve", "Qwen/Qwen2.5-7B-Instruct", "--port", "{port}"]
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: list[str] | None = Field(default=None, min_length=1)
+    """The engine's argv; ``{host}``, ``{port}``, ``{model}`` and ``{api_key}`` are replaced by
+    the route's."""
+    swift_deploy: SwiftDeployLaunch | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    """Variables added to the engine's environment (``CUDA_VISIBLE_DEVICES``)."""
+    health_url: str | None = None
+    """What answers 2xx once the engine is ready: a URL, or a path (``/health``) on the
+    route's host and port. Default: the route's ``<url>/models``."""
+    start_timeout: float = Field(default=600.0, gt=0)
+    """Seconds from the start to the first 2xx of ``health_url``; past it the engine is
+    killed and started again."""
+    stop_timeout: float = Field(default=15.0, gt=0)
+    """Seconds between SIGTERM and SIGKILL of the engine's process tree."""
+    restart_backoff: float = Field(default=1.0, gt=0)
+    """Seconds before the first restart, doubled after each failure in a row."""
+    restart_backoff_max: float = Field(default=60.0, gt=0)
+    """The longest wait between two starts of a crashing engine."""
+
+    @field_validator("health_url")
+    @classmethod
+    def _check_health_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"(https?://[^/]+|/)", value):
+            raise ValueError("use an http(s) URL or a path starting with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> EngineLaunch:
+        if (self.command is None) == (self.swift_deploy is None):
+            raise ValueError("give either command or swift_deploy")
+        if self.restart_backoff_max < self.restart_backoff:
+            raise ValueError("restart_backoff_max is smaller than restart_backoff")
+        return self
+
+
 class UpstreamRoute(BaseModel):
     """An OpenAI-compatible server that serves a model name (vLLM, SGLang, LMDeploy,
     ``swift deploy``, Ollama)::
@@ -62,6 +154,9 @@ class UpstreamRoute(BaseModel):
         [upstreams."qwen2.5-72b"]
         url = "http://gpu-box:8000/v1"
         model = "Qwen/Qwen2.5-72B-Instruct"   # its name there (default: the same)
+
+    With a ``launch`` table, ``yichui serve`` starts that server itself and keeps it up
+    (:class:`EngineLaunch`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -79,6 +174,20 @@ class UpstreamRoute(BaseModel):
     max_connections: int = Field(default=100, ge=1, le=100_000)
     """Connections to that server at once (requests beyond wait for one): at least the
     requests it serves together at full load. Per base URL: the first route to it sets it."""
+    launch: EngineLaunch | None = None
+    """Started and supervised by ``yichui serve`` (``runtime/supervisor.py``)."""
+
+    @model_validator(mode="after")
+    def _check_launch(self) -> UpstreamRoute:
+        swift = self.launch is not None and self.launch.swift_deploy is not None
+        if swift and not re.match(r"https?://[^/]*:\d+(/|$)", self.url):
+            raise ValueError("a swift_deploy launch needs a port in the route's url")
+        return self
+
+    def origin(self) -> str:
+        """``scheme://host:port`` of the url (no user:password)."""
+        match = re.match(r"(https?://)(?:[^@/]*@)?([^/]+)", self.url)
+        return (match.group(1) + match.group(2)) if match else self.url
 
 
 ROLES = ("user", "admin")
@@ -334,6 +443,20 @@ class Settings(BaseSettings):
             )
         if self.vision_min_pixels > self.vision_max_pixels:
             raise ValueError("vision_min_pixels is larger than vision_max_pixels")
+        return self
+
+    @model_validator(mode="after")
+    def _check_launches(self) -> Settings:
+        launched: dict[str, str] = {}
+        for name, route in self.upstreams.items():
+            if route.launch is None:
+                continue
+            other = launched.setdefault(route.origin(), name)
+            if other != name:
+                raise ValueError(
+                    f"upstreams {other!r} and {name!r} both launch an engine at "
+                    f"{route.origin()}: launch it from one route, point the other at it"
+                )
         return self
 
     @field_validator("extensions")

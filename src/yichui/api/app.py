@@ -98,11 +98,17 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.state.services = services  # read by api/deps.py only
     install_handlers(app)
 
+    supervisor = rt.supervisor  # the engines `yichui serve` launched, if any
+
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        """Liveness, and whether the response cache reaches Redis (no auth needed)."""
+        """Liveness, whether the response cache reaches Redis, and the state of each engine
+        this server launched (no auth needed)."""
         # no dependency to solve: the cheapest request there is (bench/cache.py's reference)
-        return {"status": "ok", "cache": services_of(request).cache.breaker.state}
+        body: dict[str, Any] = {"status": "ok", "cache": services_of(request).cache.breaker.state}
+        if supervisor.engines:
+            body["engines"] = supervisor.health()
+        return body
 
     # routes are matched in order, one regex each: the busy ones first, the 40-odd of the
     # management API and the dashboard after them (a probe of /health must not pay for them)

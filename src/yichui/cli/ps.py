@@ -58,6 +58,8 @@ def ps(ctx: typer.Context, json: bool = JsonOpt) -> None:
     console.print(table)
     for server in servers:
         console.print(_summary(server), highlight=False)
+        for engine in server.get("engines") or []:
+            console.print(_engine(engine), highlight=False)
     console.print(
         "[dim]a pool evicts its least recently used idle models when a load would pass its "
         "budget (model_memory_budget)[/dim]",
@@ -82,6 +84,20 @@ def _summary(server: dict[str, Any]) -> str:
         f"{server.get('url', '?')}  pid {server.get('pid', '?')} · yichui "
         f"{server.get('version', '?')} · up {up} · {server.get('requests', 0)} requests · {pool}"
     )
+
+
+def _engine(engine: dict[str, Any]) -> str:
+    """One line per engine the server launched (a route's ``launch`` table)."""
+    line = (
+        f"  engine {engine.get('route', '?')} at {engine.get('url', '?')}: "
+        f"{engine.get('state', '?')}"
+    )
+    if engine.get("pid"):
+        line += f" · pid {engine['pid']}"
+    line += f" · {engine.get('restarts', 0)} restarts"
+    if engine.get("last_exit"):
+        line += f" · last: {engine['last_exit']}"
+    return escape(line)
 
 
 def _duration(seconds: float) -> str:

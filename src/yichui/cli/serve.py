@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
 import time
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ import typer
 
 from yichui.errors import ConfigError, RedisUnavailableError
 from yichui.runtime import Runtime
+from yichui.runtime.supervisor import EngineSupervisor
 from yichui.supervise import PARENT_GONE, Child, spawn
 
 
@@ -59,6 +61,10 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # httpx logs every upstream call at INFO: a line (and its cost) per proxied request
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # the engines of the routes' launch tables: what they need is checked before anything
+    # starts (a missing ms-swift is one line, exit 2); each dies with us, however we die
+    supervisor = rt.supervisor
+    supervisor.check()
     config = ctx.find_root().params.get("config")
     extra = ["--config", str(config)] if config else []
     # the same settings as ours: the same --config (and the same environment); if we die, even
@@ -86,7 +92,7 @@ def serve(
 
         async def shutdown(self, sockets: Any = None) -> None:
             await super().shutdown(sockets)
-            await asyncio.to_thread(_stop, children)
+            await asyncio.to_thread(_stop, children, supervisor)
 
     config_ = uvicorn.Config(
         create_app(s, runtime=rt),
@@ -95,20 +101,25 @@ def serve(
         log_level=log_level,
         access_log=False,
     )
+    supervisor.start()
     try:
         _Server(config_).run()
     finally:
-        _stop(children)
+        _stop(children, supervisor)
 
 
 WORKER_STOP = 15.0
 """Seconds a task worker gets to hand its tasks back and exit before its tree is SIGKILLed."""
 
 
-def _stop(children: list[Child]) -> None:
-    """SIGTERM all at once (they hand their tasks back), then SIGKILL of what is left."""
+def _stop(children: list[Child], supervisor: EngineSupervisor) -> None:
+    """SIGTERM all at once (workers hand their tasks back), then SIGKILL of what is left; the
+    engines in parallel, each with its own stop_timeout."""
+    engines = threading.Thread(target=supervisor.stop, name="engines-stop")
+    engines.start()
     for child in children:
         child.terminate()
     deadline = time.monotonic() + WORKER_STOP
     for child in children:
         child.stop(max(0.0, deadline - time.monotonic()))
+    engines.join()

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from yichui.inference.engine import Engine
     from yichui.runtime.probe import ClusterProbe
     from yichui.runtime.serving import ServingServices
+    from yichui.runtime.supervisor import EngineSupervisor
     from yichui.tasks.worker import Worker
     from yichui.training.service import TrainingService
 
@@ -250,6 +251,15 @@ class Runtime:
         from yichui.runtime.serving import ServingServices
 
         return ServingServices(self)
+
+    @cached_property
+    def supervisor(self) -> EngineSupervisor:
+        """The engine processes of the routes' ``launch`` tables, which ``yichui serve``
+        starts and keeps up (``runtime/supervisor.py``); nothing runs before ``start()``."""
+        from yichui.runtime.launch import model_path
+        from yichui.runtime.supervisor import EngineSupervisor
+
+        return EngineSupervisor(self.settings, model_path=lambda v: model_path(self.registry, v))
 
     def state_url(self) -> str:
         """The state instance's URL (the embedded server started when no URL is set)."""

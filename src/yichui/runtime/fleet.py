@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from yichui import __version__
@@ -57,9 +58,13 @@ class FleetHeartbeat:
         client: AsyncRedis,
         router: ModelRouter,
         cache: ResponseCache,
+        *,
+        engines: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.settings, self.keys, self.client = settings, keys, client
         self.router, self.cache = router, cache
+        self.engines = engines
+        """The engine processes this server launched (``runtime/supervisor.py``)."""
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.port = settings.api_port
@@ -85,6 +90,7 @@ class FleetHeartbeat:
             "budget": snap.budget if snap else None,
             "used": snap.used if snap else 0,
             "models": list(snap.models) if snap else [],
+            "engines": self.engines() if self.engines else [],
         }
 
     async def beat(self) -> bool:

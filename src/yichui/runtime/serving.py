@@ -145,7 +145,9 @@ class ServingServices:
         )
         self._watcher = asyncio.create_task(self._watch_models(), name="model-events")
         self._follow_failovers(state_target, cache_target)
-        self._fleet = FleetHeartbeat(s, rt.keys, self._state, self._router, self._cache)
+        self._fleet = FleetHeartbeat(
+            s, rt.keys, self._state, self._router, self._cache, engines=rt.supervisor.states
+        )
         self._fleet.start()  # what this server has loaded, for `yichui ps`
 
     async def __aenter__(self) -> ServingServices:
