@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.api_server import ServerProcess
+from tests.engine_checks import alive, serve_ready, wait_for
 from tests.fake_upstream import fake_upstream, free_port
 from tests.redis_proc import RedisProcess
 from yichui.config import Settings, load_settings
@@ -31,31 +32,11 @@ from yichui.swift_env import SwiftEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = [sys.executable, "-m", "tests.fake_engine", "--port", "{port}", "--model", "{model}"]
-
-
-def alive(pid: int | None) -> bool:
-    """``pid`` runs (a zombie does not)."""
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
+FAKE_ENV = {"PYTHONPATH": str(ROOT)}  # `-m tests.fake_engine` from any directory
 
 
 def launched(port: int, launch: dict[str, Any], **route: Any) -> dict[str, Any]:
+    launch = {"env": FAKE_ENV, **launch}
     return {"url": f"http://127.0.0.1:{port}/v1", "model": "fake-up", "launch": launch, **route}
 
 
@@ -390,29 +371,6 @@ def test_another_server_of_the_host_stands_by_then_takes_over(
 
 
 # -- a real yichui serve ------------------------------------------------------------------------
-
-
-def engines_of(server: ServerProcess) -> dict[str, Any]:
-    try:
-        health = httpx.get(f"{server.url}/health", timeout=2).json()
-    except httpx.HTTPError:
-        return {}
-    engines: dict[str, Any] = health.get("engines", {})
-    return engines
-
-
-def serve_ready(
-    server: ServerProcess, name: str, timeout: float = 30.0, *, other_than: int | None = None
-) -> int:
-    """Wait until serve's ``/health`` has engine ``name`` ready (in a process other than
-    ``other_than``) -> its pid."""
-
-    def check() -> int | None:
-        engine = engines_of(server).get(name, {})
-        pid = engine.get("pid")
-        return pid if engine.get("state") == "ready" and pid != other_than else None
-
-    return int(wait_for(check, timeout, f"{name} ready in serve"))
 
 
 @pytest.fixture

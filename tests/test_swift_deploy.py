@@ -26,9 +26,9 @@ import openai
 import pytest
 
 from tests.api_server import ServerProcess
+from tests.engine_checks import alive, engines_of, serve_ready, wait_for
 from tests.fake_upstream import free_port
 from tests.redis_proc import RedisProcess
-from tests.test_engine_supervisor import alive, engines_of, serve_ready, wait_for
 from yichui.inference.engines.upstream import CONNECT_TIMEOUT
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,9 @@ upstream routes (``swift deploy``, vLLM, any OpenAI-compatible server)::
     supervisor.stop()       # SIGTERM, stop_timeout, then SIGKILL of each engine's whole tree
 
 Each engine's thread starts it (:func:`yichui.supervise.spawn`: SIGKILLed by the kernel if
-serve dies, however it dies), polls its ``health_url`` until a 2xx (``ready``) or
-``start_timeout`` (killed, counted as a failure), then watches the process. When it exits it is
+serve dies, however it dies, and what it started with it by :mod:`yichui.runtime.reaper`),
+polls its ``health_url`` until a 2xx (``ready``) or ``start_timeout`` (killed, counted as a
+failure), then watches the process. When it exits it is
 started again after a backoff (``restart_backoff``, doubled per failure in a row up to
 ``restart_backoff_max``, jittered); :data:`CRASH_LOOP_AFTER` failures in a row are a crash loop,
 logged as an error and reported as ``crash_loop``, and it keeps retrying at that pace. An
@@ -32,7 +33,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +46,7 @@ from yichui.backoff import Backoff
 from yichui.config import Settings, UpstreamRoute
 from yichui.errors import YichuiError
 from yichui.runtime.launch import LaunchPlan, host_port, launch_plan, swift_envs
+from yichui.runtime.reaper import GroupReaper
 from yichui.supervise import Child, spawn
 from yichui.swift_env import SwiftEnv
 
@@ -302,60 +303,6 @@ class SupervisedEngine:
         if self._reaper is not None:
             self._reaper.forget(child.pid)
         self.pid = None
-
-
-_REAPER = """\
-import os, signal, sys
-groups = set()
-for line in sys.stdin:
-    sign, pgid = line[:1], int(line[1:])
-    (groups.add if sign == "+" else groups.discard)(pgid)
-for pgid in groups:  # end of input: serve died (an orderly stop leaves none)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
-class GroupReaper:
-    """A small process that SIGKILLs the process groups of the engines when this process dies.
-
-    The kernel SIGKILLs each engine with serve (its death signal), but not the processes the
-    engine started (an inference server's workers): they keep the engine's process group,
-    though, and the reaper kills those groups once its input ends, which is when serve's end
-    of the pipe closes: an orderly stop has forgotten every group by then, a death has not."""
-
-    def __init__(self) -> None:
-        self._child = spawn(
-            [sys.executable, "-I", "-S", "-c", _REAPER],
-            death_signal=None,  # it acts on the end of its input, whatever our death was
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-        )
-        self._lock = threading.Lock()
-
-    def _send(self, line: str) -> None:
-        stdin = self._child.popen.stdin
-        with self._lock, contextlib.suppress(OSError, ValueError):
-            assert stdin is not None
-            stdin.write(line.encode())
-            stdin.flush()
-
-    def watch(self, pgid: int) -> None:
-        self._send(f"+{pgid}\n")
-
-    def forget(self, pgid: int) -> None:
-        self._send(f"-{pgid}\n")
-
-    def close(self) -> None:
-        """End its input (every group forgotten): it exits."""
-        with self._lock, contextlib.suppress(OSError, ValueError):
-            stdin = self._child.popen.stdin
-            assert stdin is not None
-            stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._child.wait(5)
 
 
 class EngineSupervisor:
