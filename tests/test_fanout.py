@@ -138,10 +138,10 @@ def started(target: Callable[[], None]) -> threading.Thread:
     return thread
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 20.0) -> None:
+def wait_for(check: Callable[[], bool], timeout: float = 20.0, *state: object) -> None:
     end = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < end, "timed out"
+        assert time.monotonic() < end, ("timed out", *state)
         time.sleep(0.005)
 
 
@@ -182,14 +182,14 @@ def test_followers_in_two_processes_read_live_and_outlive_the_leader(
             )
         )
     )
-    wait_for(lambda: all(f.pieces for f in followers))
+    wait_for(lambda: all(f.pieces for f in followers), 20, followers)
     first.set()  # the leader's client leaves at its next piece
     leading.join(30)
     assert not leading.is_alive() and EXPECTED.startswith(leader.text), leader
     assert len(leader.pieces) <= 10, leader  # it left before the answer was whole
     late = Streamed()  # the leader's client is gone: a late follower still gets it all
     threads.append(started(lambda: stream(b, late, on_piece=note_first)))
-    wait_for(lambda: bool(late.pieces))
+    wait_for(lambda: bool(late.pieces), 20, late)
     second.set()  # generation goes on, for the followers alone
     for thread in threads:
         thread.join(30)

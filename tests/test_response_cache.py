@@ -293,3 +293,33 @@ async def test_near_cache_answers_repeats_and_follows_clears(
         await asyncio.sleep(0.02)
     assert (await _ask(b, calls, "Lyon", delay=0))[1] == CacheStatus.MISS
     assert calls == ["Paris", "Lyon"]
+
+
+async def test_a_slow_live_read_is_tried_again_not_waited_out(
+    make_cache: Callable[..., ResponseCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streaming follower whose first read of the live stream times out looks again and
+    reads it live: it does not fall back to waiting for the whole answer."""
+    leader, follower = make_cache(), make_cache()
+    assert follower.store is not None
+    real = follower.store.read_live
+    reads: list[bytes] = []
+
+    async def slow_once(model: str, key: str, last: bytes, *args: Any) -> Any:
+        reads.append(last)
+        if len(reads) == 1:
+            await asyncio.sleep(0.5)  # past the cache timeout (0.2 s)
+        return await real(model, key, last, *args)
+
+    monkeypatch.setattr(follower.store, "read_live", slow_once)
+    async with leader.session(M, "k1", live=True) as lead:
+        assert lead.body is None and lead.publishing
+        lead.publish({"i": 0, "t": "Pa"})
+        async with follower.session(M, "k1", live=True) as follow:
+            assert follow.status is CacheStatus.COALESCED and follow.live is not None
+            assert await anext(follow.live) == {"i": 0, "t": "Pa"}  # before the answer is whole
+            lead.publish({"i": 0, "t": "ris"})
+            assert await anext(follow.live) == {"i": 0, "t": "ris"}
+            await lead.commit(json.dumps(_body("Paris")).encode())
+            assert [piece async for piece in follow.live] == []
+    assert len(reads) >= 2 and reads[:2] == [b"0", b"0"]  # the first, timed out, read again

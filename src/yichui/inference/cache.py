@@ -425,7 +425,9 @@ class CacheSession:
                 ok, entries = await c._call(
                     lambda: store.read_live(self.model, self.key, b"0"), *self._labels
                 )
-                if ok and entries:
+                if not ok:  # a slow read: look again rather than wait for the whole answer
+                    continue  # (a Redis that keeps failing fails the lookup: uncached)
+                if entries:
                     me = secrets.token_hex(8)  # registered at once: the leader sees us
                     until = time.time() + READER_TTL
                     await c._call(
