@@ -58,11 +58,15 @@ def servers(
 
 
 @pytest.fixture
-def fresh(redis_url: str, upstream: FakeUpstream, servers: list[ServerProcess]) -> FakeUpstream:
+def fresh(
+    redis_url: str, upstream: FakeUpstream, servers: list[ServerProcess]
+) -> Iterator[FakeUpstream]:
     for server in servers:
         server.forget_cached(redis_url)
     upstream.reset()
-    return upstream
+    yield upstream
+    for hold in upstream.holds.values():  # a failed test leaves no stream paused (and its
+        hold.set()  # computation in flight) for the next one to join
 
 
 def stored_entries(redis_url: str) -> int:
