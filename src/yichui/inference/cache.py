@@ -270,8 +270,10 @@ class ResponseCache:
             return
         counts = self.metrics.take_fleet()
         store = self.store
-        # a flush that timed out may still have been applied: never add the counts twice
-        await self._call(lambda: store.add_stats(counts))
+        # a flush that timed out may still have been applied: never add the counts twice. It
+        # is on no request's path: it gets more time than a request's lookup (lost counts
+        # under load otherwise)
+        await self._call(lambda: store.add_stats(counts), timeout=1.0 + 4 * self.timeout)
 
 
 INTERRUPTED: dict[str, Any] = {
