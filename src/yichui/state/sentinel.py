@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 import redis.asyncio as aredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from yichui.backoff import Backoff
 from yichui.errors import RedisSetupError
@@ -75,7 +77,9 @@ def check_master(target: RedisTarget, settings: Settings) -> None:
     asked = 0
     for host, port in target.nodes:
         try:
-            with redis.Redis(host=host, port=port, **_sentinel_kwargs(target, settings)) as c:
+            once = Retry(NoBackoff(), 0)  # one try each: a refused port is an answer at once
+            kwargs = {**_sentinel_kwargs(target, settings), "retry": once}
+            with redis.Redis(host=host, port=port, **kwargs) as c:
                 masters = c.execute_command("SENTINEL", "MASTERS")
         except redis.RedisError:
             continue
