@@ -63,3 +63,18 @@ def test_an_untested_version_is_named() -> None:
 
     env = SwiftEnv(Path("/x/python"), "3.11.7", {"ms-swift": "9.0.0", "evalscope": None})
     assert env.untested() == ["ms-swift 9.0.0"]
+
+
+def test_make_swifts_environment_is_found_beside_yichuis(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from yichui.swift_env import find_python
+
+    beside = tmp_path / ".venv-swift" / "bin" / "python"
+    beside.parent.mkdir(parents=True)
+    beside.write_text("")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / ".venv"))
+    assert settings.swift_python is None
+    assert find_python(settings) == beside  # make swift, then nothing to set
+    named = settings.model_copy(update={"swift_python": Path(sys.executable)})
+    assert find_python(named) == Path(sys.executable)  # the setting comes first

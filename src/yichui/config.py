@@ -399,7 +399,8 @@ class Settings(BaseSettings):
 
     swift_python: Path | None = None
     """Interpreter of the environment ms-swift (and EvalScope) is installed in (``make swift``:
-    ``.venv-swift/bin/python``). Unset: the one behind a ``swift`` on PATH, else this one's."""
+    ``.venv-swift/bin/python``). Unset: ``.venv-swift`` beside this environment, else the one
+    behind a ``swift`` on PATH, else this one's."""
 
     mirror_dir: Path | None = None
     """A local mirror folder laid out as ``<org>/<name>/…`` (a NAS "hub"): source ``mirror``."""

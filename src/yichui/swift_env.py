@@ -25,8 +25,8 @@ TESTED = {"ms-swift": ("4.6.0",), "evalscope": ("1.14.1",)}
 """The versions yichui's tests ran against (``make swift`` installs these)."""
 
 INSTALL_HINT = (
-    "run `make swift` (ms-swift 4.6.0 and EvalScope in .venv-swift) and set "
-    "YICHUI_SWIFT_PYTHON=.venv-swift/bin/python, or pip install ms-swift==4.6.0 beside yichui"
+    "run `make swift` (ms-swift 4.6.0 and EvalScope in .venv-swift, found beside .venv), or "
+    "set YICHUI_SWIFT_PYTHON to the python of an environment that has them"
 )
 
 PROBE_TIMEOUT = 60.0
@@ -95,14 +95,22 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+SIBLING = ".venv-swift"
+"""Where ``make swift`` puts the environment: beside yichui's own ``.venv``."""
+
+
 def find_python(settings: Settings) -> Path:
-    """The interpreter of the ms-swift environment: the setting, else the one a ``swift`` on
-    PATH runs with, else this one (which may have ms-swift installed beside yichui)."""
+    """The interpreter of the ms-swift environment: the setting, else ``.venv-swift`` beside
+    the environment yichui runs in (``make swift``), else the one a ``swift`` on PATH runs
+    with, else this one (which may have ms-swift installed beside yichui)."""
     if settings.swift_python is not None:
         path = settings.swift_python.expanduser()
         if not path.exists():
             raise SwiftMissingError(f"swift_python {path} does not exist", hint=INSTALL_HINT)
         return path
+    beside = Path(sys.prefix).parent / SIBLING / "bin" / "python"
+    if beside.exists():
+        return beside
     exe = shutil.which("swift")
     if exe is not None:
         shebang = _shebang(Path(exe))
