@@ -358,16 +358,18 @@ def test_the_models_page_searches_ms_swifts_catalog_into_the_pull_form(
 ) -> None:
     tab, console = page
     tab.goto("/ui#/models")
-    expect(tab.locator("#catalog-note")).to_contain_text("models of ms-swift")
+    expect(tab.locator("#catalog-note")).to_contain_text("1193 models of ms-swift 4.6.0")
     tab.fill("#catalog-form input[name=search]", "glm-edge 4b")
     tab.select_option("#catalog-form select[name=kind]", "multimodal")
     tab.click("#catalog-form button[type=submit]")
     rows = tab.locator("#catalog-list tbody tr")
     expect(rows).to_have_count(1)
+    expect(tab.locator("#catalog-note")).to_contain_text("1 model of ms-swift")
     expect(rows.first).to_contain_text("zai-org/glm-edge-4b-chat")
     tab.select_option("#pull-form select[name=source]", "modelscope")
     rows.first.get_by_role("button", name="Use").click()  # the id at the chosen source
     expect(tab.locator("#pull-form input[name=name]")).to_have_value("ZhipuAI/glm-edge-4b-chat")
+    shot(tab, "models")
     console.check()
 
 

@@ -82,7 +82,7 @@ export async function render(root) {
   async function refreshCatalog() {
     const page = await get("/api/catalog", { search: catalogView.search, kind: catalogView.kind, limit: CATALOG_PAGE, offset: catalogView.offset }).catch(() => null);
     if (!page) return;
-    replace(catalogNote, `${page.total} models of ms-swift ${page.ms_swift}; pull one by its ModelScope or Hugging Face id.`);
+    replace(catalogNote, `${page.total} ${page.total === 1 ? "model" : "models"} of ms-swift ${page.ms_swift}; pull one by its ModelScope or Hugging Face id.`);
     const rows = page.data || [];
     const mono = (v) => h("span", { class: "mono" }, v ?? "–");
     replace(catalogList, table([
