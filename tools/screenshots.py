@@ -3,7 +3,7 @@
     .venv/bin/python tools/screenshots.py docs/img     # or: make screenshots
 
 Runs ``tests/test_dashboard.py`` with ``YICHUI_SCREENSHOTS=<dir>``: the tests save
-``dashboard-{overview,tasks,task,training,playground}.png`` there at the moments they check
+``dashboard-{overview,tasks,task,training,playground,models}.png`` there at the moments they check
 (a running task, a loss chart with its points, a cache hit), so a screenshot shows what a test
 has just asserted. Exit status: pytest's.
 """
