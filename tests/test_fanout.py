@@ -65,8 +65,12 @@ def fresh(
         server.forget_cached(redis_url)
     upstream.reset()
     yield upstream
-    for hold in upstream.holds.values():  # a failed test leaves no stream paused (and its
-        hold.set()  # computation in flight) for the next one to join
+    for hold in upstream.holds.values():  # a failed test leaves no stream paused, and no
+        hold.set()  # computation in flight for the next one to join
+    with redis.Redis.from_url(redis_url) as client:
+        end = time.monotonic() + 30
+        while any(client.scan_iter(match="*response_lock*")) and time.monotonic() < end:
+            time.sleep(0.05)
 
 
 def stored_entries(redis_url: str) -> int:
@@ -168,10 +172,12 @@ def test_followers_in_two_processes_read_live_and_outlive_the_leader(
     # the leader's client goes away once every follower has had a piece
     leading = started(lambda: stream(a, leader, leave=lambda: all(f.pieces for f in followers)))
     wait_for(lambda: len(leader.pieces) >= 5)
-    threads = [
-        started(lambda got=got, server=server: stream(server, got, on_piece=note_first))
-        for got, server in zip(followers, (a, b, b), strict=True)
-    ]
+    threads = []
+    for got, server in zip(followers, (a, b, b), strict=True):  # one after the other
+        threads.append(
+            started(lambda got=got, server=server: stream(server, got, on_piece=note_first))
+        )
+        wait_for(lambda got=got: bool(got.pieces), 20, followers)
     whole: list[str] = []
     threads.append(
         started(
