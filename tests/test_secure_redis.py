@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.helpers import make_model
@@ -28,7 +29,7 @@ from tests.secure_redis import (
 from tests.test_cli import assert_one_line_error, run
 from yichui.access import Principal
 from yichui.config import Settings, load_settings
-from yichui.errors import RedisSetupError
+from yichui.errors import RedisFullError, RedisSetupError
 from yichui.inference.cache import CacheStatus, ResponseCache
 from yichui.runtime import Runtime
 from yichui.state.connection import make_async_client
@@ -339,6 +340,67 @@ def test_a_full_redis_serves_uncached_and_shows_in_metrics(
             r'yichui_redis_oom_errors_total\{redis="state",scope="cluster"\} (\S+)', text
         )
         assert match and float(match.group(1)) >= 2, text
+    finally:
+        rt.close()
+
+
+def test_enqueue_into_a_full_redis_fails_loudly_and_writes_nothing(
+    full: RedisProcess, settings: Settings
+) -> None:
+    """The ENQUEUE script's first write is one Redis refuses under OOM: nothing half-written
+    (a task status without its queue entry), the caller told why."""
+    rt = Runtime(settings.model_copy(update={"redis_url": full.url}))
+    try:
+        with full.client() as c:
+            before = c.dbsize()
+        with pytest.raises(RedisFullError, match="out of memory"):
+            rt.tasks.submit("noop", {}, task_id="t-full")
+        with full.client() as c:
+            assert c.dbsize() == before  # no status, log, index or stream entry
+    finally:
+        rt.close()
+
+
+async def test_the_api_on_a_full_redis_refuses_tasks_with_503_and_serves_uncached(
+    full: RedisProcess, settings: Settings
+) -> None:
+    from yichui.api.app import create_app
+
+    s = settings.model_copy(
+        update={
+            "redis_url": full.url,
+            "extensions": ["tests.extensions.echo_engine"],
+            "cache_near_ttl": 0,
+        }
+    )
+    rt = Runtime(s, role="api")
+    app = create_app(s, runtime=rt)
+    chat = {
+        "model": "echo/shout",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0,
+    }
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1)),
+                base_url="http://t",
+            ) as client,
+        ):
+            refused = await client.post("/api/tasks", json={"type": "noop", "args": {}})
+            answers = [await client.post("/v1/chat/completions", json=chat) for _ in range(2)]
+            metrics = (await client.get("/metrics")).text
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert "out of memory" in error["message"] and "maxmemory" in error["message"]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert [a.headers.get("x-yichui-cache") for a in answers] != ["miss", "hit"]
+        assert answers[0].json()["choices"] == answers[1].json()["choices"]
+        match = re.search(
+            r'yichui_redis_oom_errors_total\{[^}]*redis="state"[^}]*\} (\S+)', metrics
+        )
+        assert match and float(match.group(1)) >= 1, metrics
     finally:
         rt.close()
 

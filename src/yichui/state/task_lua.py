@@ -92,9 +92,11 @@ ENQUEUE = (
 if redis.call('EXISTS', status) == 1 then
   return {0, redis.call('HGET', status, 'type') or '', redis.call('HGET', status, 'args') or ''}
 end
-redis.call('DEL', log)
+-- HSET first: Redis refuses a script's first write that may grow memory when maxmemory is
+-- reached (OOM), but once a script has written anything (a DEL) it lets every later write in
 redis.call('HSET', status, 'id', id, 'type', ARGV[5], 'args', ARGV[6], 'queue', ARGV[7],
            'attempt', 0, 'max_attempts', ARGV[8], 'created', now, 'tenant', ARGV[10])
+redis.call('DEL', log)
 set_state('queued')
 local delay = tonumber(ARGV[9])
 if delay > 0 then
