@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -229,7 +229,7 @@ class KeyTable:
                 log.debug("api keys: %r", exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await cast(Any, pubsub).aclose()  # typed from redis-py 8.2 on
             await backoff.sleep()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -106,7 +106,7 @@ class EventFeed:
                 self._reach(False)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await cast(Any, pubsub).aclose()  # typed from redis-py 8.2 on
             await backoff.sleep()
 
     async def close(self) -> None:
