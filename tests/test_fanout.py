@@ -20,7 +20,7 @@ import redis
 
 from tests.api_server import ServerProcess
 from tests.fake_upstream import FakeUpstream, answer_texts, fake_upstream
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import ClusterProcesses, RedisProcess, redis_for
 
 KEY = "key-fanout"
 PROMPT = " ".join(f"w{i}" for i in range(40))  # the fake answers its words reversed
@@ -36,7 +36,9 @@ def upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture(scope="module")
 def servers(
-    redis_server: RedisProcess, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+    redis_server: RedisProcess | ClusterProcesses,
+    upstream: FakeUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[list[ServerProcess]]:
     made = []
     try:
@@ -61,20 +63,21 @@ def servers(
 def fresh(
     redis_url: str, upstream: FakeUpstream, servers: list[ServerProcess]
 ) -> Iterator[FakeUpstream]:
-    for server in servers:
-        server.forget_cached(redis_url)
+    with redis_for(redis_url) as client:  # what `yichui cache clear` publishes: every
+        client.publish("response_events", b'{"clear": ""}')  # server drops its near cache
+    time.sleep(0.1)
     upstream.reset()
     yield upstream
     for hold in upstream.holds.values():  # a failed test leaves no stream paused, and no
         hold.set()  # computation in flight for the next one to join
-    with redis.Redis.from_url(redis_url) as client:
+    with redis_for(redis_url) as client:
         end = time.monotonic() + 30
         while any(client.scan_iter(match="*response_lock*")) and time.monotonic() < end:
             time.sleep(0.05)
 
 
 def stored_entries(redis_url: str) -> int:
-    with redis.Redis.from_url(redis_url) as client:
+    with redis_for(redis_url) as client:
         return sum(1 for _ in client.scan_iter(match="response:*"))
 
 
@@ -251,3 +254,115 @@ def test_a_failing_leader_gives_every_follower_its_error_once(
     assert len(failed) == 1 and isinstance(failed[0], openai.APIStatusError)
     assert len(fresh.requests) == 1  # the failure was shared, not retried by each
     assert stored_entries(redis_url) == 0  # a broken stream is never a cached answer
+
+
+# -- a live stream evicted from its cache instance ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lru_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A response-cache instance of its own that evicts (allkeys-lru), as docs/deployment.md
+    recommends for the cache; its memory limit is set by the test that fills it."""
+    server = RedisProcess(tmp_path_factory.mktemp("lru")).start("--maxmemory-policy", "allkeys-lru")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def lru_servers(
+    redis_server: RedisProcess,
+    lru_cache: RedisProcess,
+    upstream: FakeUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[list[ServerProcess]]:
+    made = []
+    try:
+        for _ in range(2):
+            made.append(
+                ServerProcess(
+                    tmp_path_factory.mktemp("serve-lru"),
+                    redis_url=redis_server.url,
+                    cache_redis_url=lru_cache.url,
+                    upstreams={"echo": {"url": upstream.url, "model": "echo-up"}},
+                    auth="keys",
+                    api_keys={hashlib.sha256(KEY.encode()).hexdigest(): "team-a"},
+                    cache_timeout=1.0,
+                ).start()
+            )
+        yield made
+    finally:
+        for server in made:
+            server.stop()
+
+
+def live_keys(client: redis.Redis) -> list[bytes]:
+    return [*client.scan_iter(match="response_live:*"), *client.scan_iter("response_lock:*")]
+
+
+def test_a_follower_whose_live_stream_is_evicted_still_gets_the_whole_answer(
+    lru_servers: list[ServerProcess], lru_cache: RedisProcess, fresh: FakeUpstream
+) -> None:
+    """Memory pressure on the cache instance evicts the live stream (and the lock) while a
+    follower in another process reads it: the follower computes the answer itself and sends
+    on from where it was, so its client gets the whole answer once, in order."""
+    a, b = lru_servers
+    hold = threading.Event()
+    fresh.chunk_delay, fresh.holds = 0.01, {5: hold}
+    with lru_cache.client() as c:
+        c.flushall()  # our own instance
+        c.config_set("maxmemory", int(c.info("memory")["used_memory"]) + 2_000_000)
+    leader, follower = Streamed(), Streamed()
+    threads = [started(lambda: stream(a, leader))]
+    wait_for(lambda: len(leader.pieces) >= 1, 20, leader)
+    threads.append(started(lambda: stream(b, follower)))
+    wait_for(lambda: len(follower.pieces) >= 5, 20, follower)  # caught up with the pause
+    with lru_cache.client() as c:
+        assert live_keys(c), "the live stream is in the cache instance"
+        for i in range(400):  # 100 kB at a time: allkeys-lru evicts the oldest keys first
+            c.set(f"ballast:{i}", b"x" * 100_000)
+            if not live_keys(c):
+                break
+        assert not live_keys(c), "memory pressure evicted the live stream and its lock"
+        assert int(c.info("stats")["evicted_keys"]) > 0
+    # the follower notices (its read of the stream finds nothing, the lock is gone) and asks
+    # the upstream itself; that second stream pauses at the same piece until the test goes on
+    wait_for(lambda: len(fresh.requests) == 2, 20, follower, fresh.requests)
+    hold.set()
+    for thread in threads:
+        thread.join(30)
+    for got in (leader, follower):
+        assert got.status == 200 and got.errors == [] and got.done == 1, got
+        assert got.text == EXPECTED, got  # whole, in order, nothing twice
+    assert follower.cache == "coalesced" and len(follower.pieces) > 5, follower
+    metrics = httpx.get(f"{b.url}/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+    assert 'yichui_cache_live_resumed_total{endpoint="chat",model="echo"} 1.0' in metrics, [
+        line for line in metrics.splitlines() if "live_resumed" in line
+    ]
+
+
+def test_resuming_sends_only_what_was_not_relayed_whatever_the_chunking() -> None:
+    from yichui.errors import CoalescedError
+    from yichui.inference.engine import EngineChunk, Usage
+    from yichui.inference.service import _Relayed
+
+    out: list[EngineChunk] = []
+    relayed = _Relayed(out.append)
+    for chunk in (EngineChunk(0, "The qu"), EngineChunk(1, "A"), EngineChunk(1, "b", "stop")):
+        relayed(chunk)
+    resume = relayed.resume()  # the same answer again, cut into other pieces
+    for chunk in (
+        EngineChunk(0, "The"),
+        EngineChunk(1, "Ab", "stop"),  # choice 1 ended already: nothing more of it
+        EngineChunk(0, " quick"),
+        EngineChunk(0, " fox", "stop", Usage(3, 4)),
+    ):
+        resume(chunk)
+    texts = {i: "".join(c.text for c in out if c.index == i) for i in (0, 1)}
+    assert texts == {0: "The quick fox", 1: "Ab"}
+    assert [c.finish_reason for c in out if c.index == 1] == [None, "stop"]
+    assert out[-1].usage == Usage(3, 4) and out[-1].finish_reason == "stop"
+    with pytest.raises(CoalescedError, match="another answer"):
+        _Relayed(out.append).resume()  # nothing sent yet: anything goes
+        other = _Relayed(out.append)
+        other(EngineChunk(0, "Hello"))
+        other.resume()(EngineChunk(0, "Help"))

@@ -75,6 +75,7 @@ CacheEvent = Literal[
     "coalesced_errors",
     "coalesce_timeouts",
     "too_large",
+    "live_resumed",
 ]
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -183,6 +184,12 @@ class Metrics:
         self.cache_too_large = loop.counter(
             "yichui_cache_too_large",
             "Answers served but not stored because they exceed cache_max_entry_bytes.",
+            ("endpoint", "model"),
+        )
+        self.cache_live_resumed = loop.counter(
+            "yichui_cache_live_resumed",
+            "Streamed requests whose live stream from another process broke off (evicted, or "
+            "its computation gone) and that computed the rest of their answer themselves.",
             ("endpoint", "model"),
         )
         self.cache_lookup_seconds = loop.histogram(
@@ -332,6 +339,8 @@ class Metrics:
             self.cache_coalesce_timeouts.inc((endpoint, model))
         elif event == "too_large":
             self.cache_too_large.inc((endpoint, model))
+        elif event == "live_resumed":
+            self.cache_live_resumed.inc((endpoint, model))
         elif event != "fast_hits":  # a fast hit is a near hit too: only the fleet tells apart
             kind = "compute" if event == "errors" else "coalesced"
             self.cache_errors.inc((endpoint, model, kind))

@@ -288,8 +288,17 @@ LIVE_LOST: dict[str, Any] = {
     "message": "the stream this answer was read from broke off (its computation was "
     "interrupted, or Redis failed): ask again",
     "status": 503,
+    "lost": True,
 }
-"""What a live reader answers when the stream it reads ends without its end entry."""
+"""What a live reader is told when the stream it reads ends without its end entry or lost
+pieces (an interrupted computation, a failing Redis, a stream evicted from a cache instance
+under memory pressure); ``lost`` tells it from the computation's own error."""
+
+
+def stream_lost(exc: CoalescedError) -> bool:
+    """Whether ``exc`` says the live stream broke off, not that the computation failed."""
+    return bool(exc.error.get("lost"))
+
 
 READER_TTL = 10.0
 """Seconds a live reader's registration lasts; it is refreshed every third of that."""

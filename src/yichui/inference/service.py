@@ -35,11 +35,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from yichui.errors import CoalescedError, ImagesNotAcceptedError, RequestError, describe_error
-from yichui.inference.cache import INTERRUPTED, CacheSession, CacheStatus, ResponseCache
+from yichui.inference.cache import (
+    INTERRUPTED,
+    CacheSession,
+    CacheStatus,
+    ResponseCache,
+    stream_lost,
+)
 from yichui.inference.cache_key import cache_key, is_deterministic
 from yichui.inference.engine import (
     BoundEngine,
@@ -376,9 +382,21 @@ class InferenceService:
                 if session.body is not None:
                     return session.body
                 if session.live is not None:  # streamed by another process: relayed live
-                    async with contextlib.aclosing(session.live) as remote:
-                        result, _ = await _pump(_pieces(remote), n, flight.push)
-                    body = session.body if session.body is not None else render(result)
+                    relayed = _Relayed(flight.push)
+                    try:
+                        async with contextlib.aclosing(session.live) as remote:
+                            result, _ = await _pump(_pieces(remote), n, relayed)
+                    except CoalescedError as exc:
+                        if not stream_lost(exc):
+                            raise  # the computation's own error: every reader gets it
+                        # its stream broke off (evicted, or its computation gone): the answer
+                        # is deterministic, so compute it here and send on what was not sent
+                        self.cache.count("live_resumed", endpoint, request.model)
+                        chunks = self._timed(bound, request)
+                        result, _ = await _pump(chunks, n, relayed.resume())
+                        body = render(result)
+                    else:
+                        body = session.body if session.body is not None else render(result)
                 elif not flight.streamed:
                     result = await self._complete(bound, request)
                     body = render(result)
@@ -527,6 +545,51 @@ async def _own(chunks: AsyncIterator[EngineChunk]) -> AsyncGenerator[EngineChunk
         closer = getattr(chunks, "aclose", None)
         if closer is not None:
             await closer()
+
+
+class _Relayed:
+    """The pieces a follower relayed from a live stream (called with each, passes it on to
+    ``out``); :meth:`resume` then takes a computation of the same answer over from there."""
+
+    def __init__(self, out: Callable[[EngineChunk], None]) -> None:
+        self.out = out
+        self.sent: dict[int, str] = {}
+        self.finished: set[int] = set()
+
+    def __call__(self, chunk: EngineChunk) -> None:
+        self.sent[chunk.index] = self.sent.get(chunk.index, "") + chunk.text
+        if chunk.finish_reason is not None:
+            self.finished.add(chunk.index)
+        self.out(chunk)
+
+    def resume(self) -> Callable[[EngineChunk], None]:
+        """A sink for the chunks of the answer computed again: only what was not relayed yet
+        goes out (the text past what each choice got; a choice that ended gets nothing more).
+        :class:`CoalescedError` if the new answer does not begin with what was sent (an
+        engine that is not deterministic after all)."""
+        again: dict[int, str] = {}
+
+        def out(chunk: EngineChunk) -> None:
+            i = chunk.index
+            before = again.get(i, "")
+            again[i] = text = before + chunk.text
+            sent = self.sent.get(i, "")
+            if i in self.finished:
+                return
+            if not (text.startswith(sent) or sent.startswith(text)):
+                raise CoalescedError(LIVE_LOST_DIVERGED)
+            new = text[max(len(sent), len(before)) :]
+            if new or chunk.finish_reason is not None or chunk.usage is not None:
+                self.out(replace(chunk, text=new))
+
+        return out
+
+
+LIVE_LOST_DIVERGED: dict[str, Any] = {
+    "message": "the stream this answer was read from broke off, and computing it again gave "
+    "another answer: ask again",
+    "status": 503,
+}
 
 
 def _piece(chunk: EngineChunk) -> dict[str, Any]:
