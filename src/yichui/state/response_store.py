@@ -289,10 +289,12 @@ class ResponseStore:
         return deleted
 
     async def _delete(self, keys: list[bytes]) -> int:
-        # one key per command: entries live in different cluster slots
+        # one key per command: entries live in different cluster slots. execute_command, not
+        # pipe.unlink: redis-py's asyncio cluster pipeline makes unlink a coroutine that queues
+        # nothing (clear deleted 0 entries on a cluster)
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
-            pipe.unlink(key)
+            pipe.execute_command("UNLINK", key)
         return sum(int(n) for n in await pipe.execute())
 
     async def count(self, model: str | None = None) -> int:
