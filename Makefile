@@ -48,8 +48,14 @@ typecheck: install-dev
 check-redis:                             ## a redis-server >= 7 on PATH, which the tests need
 	@$(PYTHON) tools/prereqs.py redis
 
+# the core suites again on a 3-master Redis Cluster (tests/conftest.py --redis=cluster); tests
+# that need one plain server are marked standalone_only and deselected there
+CLUSTER_SUITES := tests/test_status_cache.py tests/test_tasks_queue.py tests/test_tasks_leases.py \
+  tests/test_response_cache.py tests/test_coalescing_lifecycle.py tests/test_fanout.py
+
 pytest: check-redis install-dev
 	$(BIN)/pytest
+	$(BIN)/pytest --redis=cluster $(CLUSTER_SUITES)
 
 test: check-redis lint typecheck pytest  ## what CI runs
 

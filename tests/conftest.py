@@ -3,11 +3,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import ClusterProcesses, RedisProcess, redis_for
 from yichui.config import Settings, load_settings
 from yichui.models.registry import ModelRegistry
 from yichui.runtime import Runtime
@@ -24,16 +25,57 @@ pytest_plugins = [
 ]  # fake hub and SDK isolation fixtures; checks on the whole run
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis",
+        choices=("standalone", "cluster"),
+        default="standalone",
+        help="what redis_server/redis_url/redis_client give: one redis-server, or a 3-master "
+        "Redis Cluster (make pytest runs the core suites both ways)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "standalone_only(reason): deselected under --redis=cluster, with the reason"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--redis") != "cluster":
+        return
+    keep, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("standalone_only") else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def cluster_mode(config: pytest.Config) -> bool:
+    return bool(config.getoption("--redis") == "cluster")
+
+
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    """One throwaway redis-server for the session; tests get it flushed."""
-    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+def redis_server(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[RedisProcess | ClusterProcesses]:
+    """One throwaway redis-server (or with --redis=cluster a 3-master cluster) for the
+    session; tests get it flushed."""
+    server: RedisProcess | ClusterProcesses
+    if cluster_mode(pytestconfig):
+        server = ClusterProcesses(tmp_path_factory.mktemp("cluster")).start()
+    else:
+        server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisProcess) -> str:
+def redis_url(redis_server: RedisProcess | ClusterProcesses) -> str:
+    if isinstance(redis_server, ClusterProcesses):
+        redis_server.flush()  # every master: our own throwaway nodes
+        return redis_server.url
     if redis_server.proc is None:  # a test killed it
         redis_server.start()
     with redis_server.client() as c:
@@ -43,7 +85,9 @@ def redis_url(redis_server: RedisProcess) -> str:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    """A client of the test's Redis (a RedisCluster under --redis=cluster, which has the same
+    single-key commands; typed as redis.Redis so tests need no cast)."""
+    client: Any = redis_for(redis_url)
     yield client
     client.close()
 

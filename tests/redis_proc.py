@@ -125,6 +125,17 @@ class PasswordRedisProcess(RedisProcess):
         return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
 
 
+def redis_for(url: str) -> redis.Redis | redis.RedisCluster:
+    """A plain redis-py client for a test's URL: a RedisCluster for ``redis+cluster://``."""
+    if url.startswith("redis+cluster://"):
+        nodes = [
+            redis.cluster.ClusterNode(host, int(port))
+            for host, _, port in (n.rpartition(":") for n in url.split("://", 1)[1].split(","))
+        ]
+        return redis.RedisCluster(startup_nodes=nodes, socket_timeout=5)
+    return redis.Redis.from_url(url)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "it") -> None:
     """Poll ``predicate`` every 50 ms until it is true; RuntimeError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -215,21 +226,45 @@ class SentinelProcess:
 
 
 class ClusterProcesses:
-    """A Redis Cluster of ``size`` masters (no replicas), all 16384 slots assigned::
+    """A Redis Cluster of ``size`` masters, all 16384 slots assigned, and ``replicas`` replicas
+    per master (``CLUSTER REPLICATE``)::
 
-    cluster = ClusterProcesses(tmp_path).start()
+    cluster = ClusterProcesses(tmp_path, replicas=1, node_timeout_ms=1000).start()
     cluster.url           # redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,…
+    cluster.flush()       # FLUSHALL on every master (our own throwaway nodes)
+    old = cluster.kill_master(slot)       # SIGKILL the master of ``slot``
+    cluster.wait_promoted(slot, old)      # -> time.monotonic() when a replica owns it
+    cluster.migrate_slot(slot, target)    # IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE
     cluster.stop()
     """
 
-    def __init__(self, workdir: Path, *, size: int = 3) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        size: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        require_full_coverage: bool = True,
+    ) -> None:
         self.workdir = Path(workdir)
-        self.nodes = [RedisProcess(self.workdir / f"node{i}") for i in range(size)]
+        self.size = size
+        self.nodes = [RedisProcess(self.workdir / f"node{i}") for i in range(size * (1 + replicas))]
         self.bus_ports = {node.port: free_port() for node in self.nodes}
+        self.node_timeout_ms = node_timeout_ms
+        self.require_full_coverage = require_full_coverage
 
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def client(self) -> redis.RedisCluster:
+        """A redis-py cluster client on the live nodes."""
+        nodes = [redis.cluster.ClusterNode("127.0.0.1", n.port) for n in self.live()]
+        return redis.RedisCluster(startup_nodes=nodes, socket_timeout=5)
+
+    def live(self) -> list[RedisProcess]:
+        return [n for n in self.nodes if n.proc is not None]
 
     def start(self, timeout: float = 20.0) -> ClusterProcesses:
         try:
@@ -240,40 +275,164 @@ class ClusterProcesses:
                     "--cluster-config-file",
                     str(node.workdir / "nodes.conf"),
                     "--cluster-node-timeout",
-                    "5000",
+                    str(self.node_timeout_ms),
+                    "--cluster-require-full-coverage",
+                    "yes" if self.require_full_coverage else "no",
                     # the default bus port, port + 10000, is out of range above 55535
                     "--cluster-port",
                     str(self.bus_ports[node.port]),
                 )
-            # slots split evenly, then every node meets the first one
-            per = 16384 // len(self.nodes)
-            for i, node in enumerate(self.nodes):
+            # slots split evenly over the masters, then every node meets the first one
+            masters = self.nodes[: self.size]
+            per = 16384 // self.size
+            for i, node in enumerate(masters):
                 first = i * per
-                last = 16383 if i == len(self.nodes) - 1 else first + per - 1
+                last = 16383 if i == self.size - 1 else first + per - 1
                 with node.client() as c:
                     c.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
-                    if i:
-                        first_node = self.nodes[0].port
-                        bus = self.bus_ports[first_node]
-                        c.execute_command("CLUSTER", "MEET", "127.0.0.1", first_node, bus)
+            first_port = self.nodes[0].port
+            for node in self.nodes[1:]:
+                with node.client() as c:
+                    c.execute_command(
+                        "CLUSTER", "MEET", "127.0.0.1", first_port, self.bus_ports[first_port]
+                    )
+            wait_until(self._all_known, timeout=timeout, what="every node knows every other")
+            for i, node in enumerate(self.nodes[self.size :]):
+                master_id = self.node_id(masters[i % self.size])
+                with node.client() as c:
+                    c.execute_command("CLUSTER", "REPLICATE", master_id)
             wait_until(self._ok, timeout=timeout, what="cluster_state:ok on every node")
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _info(self, node: RedisProcess) -> str:
+        with node.client() as c:
+            info = c.execute_command("CLUSTER", "INFO")
+        return info.decode() if isinstance(info, bytes) else str(info)
+
+    def _all_known(self) -> bool:
+        want = f"cluster_known_nodes:{len(self.nodes)}"
+        return all(want in self._info(n) for n in self.nodes)
+
     def _ok(self) -> bool:
-        for node in self.nodes:
-            with node.client() as c:
-                info = c.execute_command("CLUSTER", "INFO")
-                text = info.decode() if isinstance(info, bytes) else str(info)
-                if (
-                    "cluster_state:ok" not in text
-                    or f"cluster_known_nodes:{len(self.nodes)}" not in text
-                ):
-                    return False
+        if not all("cluster_state:ok" in self._info(n) for n in self.live()):
+            return False
+        for replica in self.nodes[self.size :]:
+            with replica.client() as c:
+                info = c.info("replication")
+            if info.get("role") != "slave" or info.get("master_link_status") != "up":
+                return False
         return True
+
+    # -- topology -------------------------------------------------------------------------------
+    def node_id(self, node: RedisProcess) -> str:
+        with node.client() as c:
+            raw = c.execute_command("CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def owner(self, slot: int) -> RedisProcess:
+        """The live master that serves ``slot``, as that node itself says (CLUSTER NODES)."""
+        for node in self.live():
+            with node.client() as c:
+                info = c.info("replication")
+                if info.get("role") != "master":
+                    continue
+                mine = _own_slots(c)
+            if slot in mine:
+                return node
+        raise RuntimeError(f"no live master serves slot {slot}")
+
+    def masters(self) -> list[RedisProcess]:
+        out = []
+        for node in self.live():
+            with node.client() as c:
+                if c.info("replication").get("role") == "master":
+                    out.append(node)
+        return out
+
+    def flush(self) -> None:
+        """FLUSHALL on every master: our own throwaway nodes, never a shared one."""
+        for node in self.masters():
+            with node.client() as c:
+                c.flushall()
+
+    # -- faults ---------------------------------------------------------------------------------
+    def kill_master(self, slot: int) -> RedisProcess:
+        """SIGKILL the master serving ``slot`` (no goodbye); -> its process."""
+        node = self.owner(slot)
+        node.kill()
+        return node
+
+    def wait_promoted(self, slot: int, old: RedisProcess, timeout: float = 30.0) -> float:
+        """Poll (every 10 ms) until a live node other than ``old`` is master of ``slot`` by its
+        own account; -> ``time.monotonic()`` when first seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for node in self.live():
+                if node is old:
+                    continue
+                with contextlib.suppress(redis.RedisError, OSError), node.client() as c:
+                    if c.info("replication").get("role") == "master" and slot in _own_slots(c):
+                        return time.monotonic()
+            time.sleep(0.01)
+        raise RuntimeError(f"no replica took over slot {slot} within {timeout}s")
+
+    def migrate_slot(
+        self,
+        slot: int,
+        target: RedisProcess,
+        *,
+        batch: int = 10,
+        pause: float = 0.0,
+    ) -> int:
+        """Move ``slot`` to ``target`` as ``redis-cli --cluster reshard`` does: IMPORTING on the
+        target, MIGRATING on the source, MIGRATE its keys ``batch`` at a time (``pause`` seconds
+        between batches, so traffic meets the ASK phase), then SETSLOT NODE on every master.
+        -> the number of keys moved."""
+        source = self.owner(slot)
+        if source is target:
+            return 0
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        moved = 0
+        with target.client() as t, source.client() as s:
+            t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while True:
+                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                s.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                if pause:
+                    time.sleep(pause)
+            # the target first, so that a client the source redirects finds it owner
+            t.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for node in self.masters():
+            if node not in (source, target):
+                with node.client() as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return moved
 
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def _own_slots(c: redis.Redis) -> set[int]:
+    """The slots the node ``c`` talks to says it serves itself (CLUSTER NODES, ``myself``)."""
+    raw = c.execute_command("CLUSTER", "NODES")
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    out: set[int] = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 3 or "myself" not in fields[2]:
+            continue
+        for part in fields[8:]:
+            if part.startswith("["):
+                continue  # a slot being imported or migrated
+            first, _, last = part.partition("-")
+            out.update(range(int(first), int(last or first) + 1))
+    return out

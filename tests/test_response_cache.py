@@ -301,7 +301,11 @@ async def test_a_slow_live_read_is_tried_again_not_waited_out(
     """A streaming follower whose first read of the live stream times out looks again and
     reads it live: it does not fall back to waiting for the whole answer."""
     leader, follower = make_cache(), make_cache()
-    assert follower.store is not None
+    assert follower.store is not None and leader.store is not None
+    # connected first: a cluster client learns the slots on its first command, which alone
+    # can take longer than the cache timeout
+    await leader.store.client.ping()
+    await follower.store.client.ping()
     real = follower.store.read_live
     reads: list[bytes] = []
 
