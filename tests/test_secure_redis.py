@@ -286,7 +286,8 @@ def test_noeviction_state_beside_an_evicting_cache(
                 async with cache.session("org/a", f"k{i}") as session:
                     assert session.body is None
                     await session.commit(body)
-            assert cache.counts["faults"] == 0  # evicting, never refusing
+            with evicting.client() as c:  # evicting, never refusing (a fault may be a
+                assert "errorstat_OOM" not in c.info("errorstats")  # slow call under load)
             assert await cache.store.get("org/a", "k0") is None  # type: ignore[union-attr]
             cache.near.drop_model(None)
             async with cache.session("org/a", "k0") as session:  # evicted: computed again

@@ -19,6 +19,7 @@ import pytest
 
 from tests import sentinel_fixtures
 from tests.sentinel_fixtures import SentinelGroup
+from tests.test_cli import assert_one_line_error, run
 from yichui.api.app import create_app
 from yichui.config import Settings, load_settings
 from yichui.errors import RedisSetupError
@@ -268,6 +269,31 @@ def test_sentinel_password(group: SentinelGroup, tmp_path: Path, clean_env: None
         assert client.get("ha:pw") == b"yes"
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("?sentinel_password=wrong-pw", "wrong sentinel_password"),
+        ("", "no sentinel_password was given"),
+    ],
+)
+def test_a_sentinel_password_refused_is_a_setting_said_at_once(
+    group: SentinelGroup, tmp_path: Path, clean_env: None, query: str, reason: str
+) -> None:
+    bad = group.url(db=0).replace("?sentinel_password=sentinelpw", query)
+    started = time.monotonic()
+    with pytest.raises(RedisSetupError) as info:
+        connect(_settings(tmp_path, bad))
+    took = time.monotonic() - started
+    message = str(info.value)
+    assert reason in message and "\n" not in message and info.value.exit_code == 2, message
+    assert info.value.hint and "?sentinel_password=" in info.value.hint
+    assert "sentinelpw" not in message and "masterpw" not in message and "wrong-pw" not in message
+    assert took < 2.0, took  # one try each Sentinel, not the client's retries with backoff
+    proc = run(_settings(tmp_path, bad), "tasks", "list")
+    assert_one_line_error(proc, 2, reason)
+    assert "wrong-pw" not in proc.stderr + proc.stdout
 
 
 def test_unknown_master_name(group: SentinelGroup, tmp_path: Path, clean_env: None) -> None:

@@ -43,7 +43,7 @@ from yichui.errors import (
     RedisUnavailableError,
     StateError,
 )
-from yichui.state.sentinel import check_master
+from yichui.state.sentinel import check_master, password_missing
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -269,13 +269,16 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRed
     """Resolve the URL, build a sync client and check it answers ``PING``."""
     url = resolve_url(settings, start=start_embedded)
     target = parse_redis_url(url)
+    if target.kind == "sentinel":
+        # asked first, one try each Sentinel (a few ms): a master name none knows or a
+        # Sentinel password refused is a setting, said at once (the client's discovery
+        # would retry with backoff for seconds before it failed with a vaguer error)
+        check_master(target, settings)
     try:
         # a cluster client connects (and may fail) while it is built, with its own exception
         client = make_sync_client(target, settings)
         client.ping()
     except REDIS_ERRORS as exc:
-        if target.kind == "sentinel":
-            check_master(target, settings)  # a master name no Sentinel knows is a setting
         raise connect_error(target, exc) from exc
     return client, target
 
@@ -289,17 +292,17 @@ def connect_error(target: RedisTarget, exc: BaseException) -> StateError:
     :class:`RedisUnavailableError`. Never the password (redis-py's messages hold none)."""
     url, text = target.display, _reason(exc)
     upper = text.upper()
+    if password_missing(upper):
+        return RedisSetupError(
+            url,
+            "the server requires a password and none was given",
+            hint="put the user and password in the URL (redis://user:password@host:port)",
+        )
     if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in upper:
         return RedisSetupError(
             url,
             "authentication failed: wrong password, or an unknown or disabled ACL user",
             hint="check the user and password in the URL (redis://user:password@host:port)",
-        )
-    if "NOAUTH" in upper or "AUTHENTICATION REQUIRED" in upper:
-        return RedisSetupError(
-            url,
-            "the server requires a password and none was given",
-            hint="put the user and password in the URL (redis://user:password@host:port)",
         )
     if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in upper:
         return RedisSetupError(

@@ -81,7 +81,15 @@ def check_master(target: RedisTarget, settings: Settings) -> None:
             kwargs = {**_sentinel_kwargs(target, settings), "retry": once}
             with redis.Redis(host=host, port=port, **kwargs) as c:
                 masters = c.execute_command("SENTINEL", "MASTERS")
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            refused = _refused(exc)
+            if refused is not None:  # the Sentinel answered and refused us: a setting
+                raise RedisSetupError(
+                    f"{target.display} (the Sentinel at {host}:{port})",
+                    refused,
+                    hint="set the Sentinels' own password (their requirepass) as "
+                    "?sentinel_password= in redis_url; the master's goes in the userinfo",
+                ) from exc
             continue
         asked += 1
         for entry in masters or []:
@@ -96,6 +104,26 @@ def check_master(target: RedisTarget, settings: Settings) -> None:
         hint="fix the /<master-name> of redis_url (or cache_redis_url) to one the Sentinels "
         "monitor (SENTINEL MASTERS lists them)",
     )
+
+
+def password_missing(text: str) -> bool:
+    """Whether a server's refusal (its message, upper-cased) says it wants a password we did
+    not send: ``NOAUTH``, or, when redis-py opens with ``HELLO``, "HELLO must be called with
+    the client already authenticated" (which redis-py raises as a wrong password)."""
+    return any(
+        marker in text
+        for marker in ("NOAUTH", "AUTHENTICATION REQUIRED", "CLIENT ALREADY AUTHENTICATED")
+    )
+
+
+def _refused(exc: redis.RedisError) -> str | None:
+    """What a Sentinel's refusal of our password says, or None for any other failure."""
+    text = str(exc).upper()
+    if password_missing(text):
+        return "the Sentinel requires a password and no sentinel_password was given"
+    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text:
+        return "the Sentinel refused the password: wrong sentinel_password"
+    return None
 
 
 def _pairs(entry: Any) -> dict[str, str]:
