@@ -322,6 +322,13 @@ def connect_error(target: RedisTarget, exc: BaseException) -> StateError:
             f"the TLS handshake failed ({text})",
             hint="is it a TLS port? use redis:// for a plain one; check the redis_ssl_* settings",
         )
+    if target.kind == "cluster" and "CLUSTER MODE IS NOT ENABLED" in upper:
+        return RedisSetupError(
+            url,
+            "the node is a plain Redis, not a Redis Cluster node (cluster mode is not enabled)",
+            hint="use redis://host:port for a single server, or point redis+cluster:// at the "
+            "nodes of a cluster (cluster-enabled yes)",
+        )
     if not target.tls and ("CLOSED BY SERVER" in upper or "RESET BY PEER" in upper):
         return RedisSetupError(
             url,
