@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -175,6 +176,72 @@ def test_yichui_runs_as_the_acl_user(
     with secure.admin() as admin:  # nothing was denied; everything is inside its namespace
         assert admin.acl_log() == []
         assert all(k.startswith(f"{NAMESPACE}:".encode()) for k in admin.keys("*"))
+
+
+async def test_no_secret_in_logs_answers_records_or_metrics(
+    secure: SecureRedis,
+    certs: Certs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The password of redis_url (and the admin's) appears in no log line at DEBUG, no API
+    answer (health, Redis and fleet views, tasks and their logs, cache stats), no task record
+    and not in /metrics; nor in what `yichui redis status` and `yichui doctor` print."""
+    from yichui.api.app import create_app
+
+    _clean_env(monkeypatch)
+    caplog.set_level(logging.DEBUG)
+    settings = _settings(tmp_path, secure, certs, extensions=["tests.extensions.echo_engine"])
+    rt = Runtime(settings, role="api")
+    app = create_app(settings, runtime=rt)
+    chat = {
+        "model": "echo/shout",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0,
+    }
+    texts: list[str] = []
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1)),
+                base_url="http://t",
+            ) as client,
+        ):
+            task = (await client.post("/api/tasks", json={"type": "noop", "args": {}})).json()
+            await asyncio.to_thread(Runtime(settings, role="worker").worker(burst=True).run)
+            for _ in range(2):
+                assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+            for path in (
+                "/health",
+                "/metrics",
+                "/api/redis",
+                "/api/workers",
+                "/api/servers",
+                "/api/overview",
+                "/api/cache/stats",
+                "/api/tasks",
+                f"/api/tasks/{task['id']}",
+                f"/api/tasks/{task['id']}/logs",
+            ):
+                response = await client.get(path)
+                assert response.status_code == 200, (path, response.text)
+                texts.append(response.text)
+        assert "yichui_redis" in texts[1]  # /metrics read the server's INFO as that user
+        assert '"succeeded"' in texts[-2]
+        with secure.admin() as admin:  # the task's record as it lies in Redis
+            texts += [repr(admin.hgetall(k)) for k in admin.scan_iter("*task_status*")]
+    finally:
+        rt.close()
+    env = _env(settings)
+    for args in (("redis", "status"), ("doctor",)):
+        proc = run(settings, *args, redis_url=str(settings.redis_url), **env)
+        texts += [proc.stdout, proc.stderr]
+    texts.append("\n".join(r.getMessage() for r in caplog.records))
+    assert len(caplog.records) > 10
+    assert any("127.0.0.1" in t for t in texts[-3:-1])  # the URL is shown, masked
+    _no_secret(*texts)
 
 
 # -- bad input: one line, exit 2, no secret ----------------------------------------------------
