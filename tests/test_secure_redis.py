@@ -5,11 +5,12 @@ refusal of an evicting state instance, a full Redis, and the largest cached answ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,21 @@ def _env(settings: Settings) -> dict[str, str]:
         if value is not None:
             out[f"YICHUI_REDIS_SSL_{name.upper()}"] = str(value)
     return out
+
+
+CHAT = {"model": "echo/shout", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+"""A deterministic request to the echo engine (``tests.extensions.echo_engine``)."""
+
+
+@contextlib.asynccontextmanager
+async def _api(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``app`` in this process, its lifespan (startup, shutdown) around it."""
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        yield client
 
 
 def _no_secret(*texts: str) -> None:
@@ -195,24 +211,13 @@ async def test_no_secret_in_logs_answers_records_or_metrics(
     settings = _settings(tmp_path, secure, certs, extensions=["tests.extensions.echo_engine"])
     rt = Runtime(settings, role="api")
     app = create_app(settings, runtime=rt)
-    chat = {
-        "model": "echo/shout",
-        "messages": [{"role": "user", "content": "hi"}],
-        "temperature": 0,
-    }
     texts: list[str] = []
     try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1)),
-                base_url="http://t",
-            ) as client,
-        ):
+        async with _api(app) as client:
             task = (await client.post("/api/tasks", json={"type": "noop", "args": {}})).json()
             await asyncio.to_thread(Runtime(settings, role="worker").worker(burst=True).run)
             for _ in range(2):
-                assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+                assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
             for path in (
                 "/health",
                 "/metrics",
@@ -443,21 +448,10 @@ async def test_the_api_on_a_full_redis_refuses_tasks_with_503_and_serves_uncache
     )
     rt = Runtime(s, role="api")
     app = create_app(s, runtime=rt)
-    chat = {
-        "model": "echo/shout",
-        "messages": [{"role": "user", "content": "hi"}],
-        "temperature": 0,
-    }
     try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1)),
-                base_url="http://t",
-            ) as client,
-        ):
+        async with _api(app) as client:
             refused = await client.post("/api/tasks", json={"type": "noop", "args": {}})
-            answers = [await client.post("/v1/chat/completions", json=chat) for _ in range(2)]
+            answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(2)]
             metrics = (await client.get("/metrics")).text
         assert refused.status_code == 503, refused.text
         error = refused.json()["error"]
