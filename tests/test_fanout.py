@@ -34,29 +34,41 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
-@pytest.fixture(scope="module")
-def servers(
-    redis_server: RedisProcess | ClusterProcesses,
+def two_servers(
+    redis_url: str,
     upstream: FakeUpstream,
     tmp_path_factory: pytest.TempPathFactory,
+    **settings: str,
 ) -> Iterator[list[ServerProcess]]:
+    """Two ``yichui serve`` processes on ``redis_url`` before the fake upstream (a fixture's
+    body: they stop when it ends)."""
     made = []
     try:
         for _ in range(2):
             made.append(
                 ServerProcess(
                     tmp_path_factory.mktemp("serve"),
-                    redis_url=redis_server.url,
+                    redis_url=redis_url,
                     upstreams={"echo": {"url": upstream.url, "model": "echo-up"}},
                     auth="keys",
                     api_keys={hashlib.sha256(KEY.encode()).hexdigest(): "team-a"},
                     cache_timeout=1.0,
+                    **settings,
                 ).start()
             )
         yield made
     finally:
         for server in made:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(
+    redis_server: RedisProcess | ClusterProcesses,
+    upstream: FakeUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[list[ServerProcess]]:
+    yield from two_servers(redis_server.url, upstream, tmp_path_factory)
 
 
 @pytest.fixture
@@ -270,29 +282,14 @@ def lru_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess
 
 @pytest.fixture(scope="module")
 def lru_servers(
-    redis_server: RedisProcess,
+    redis_server: RedisProcess | ClusterProcesses,
     lru_cache: RedisProcess,
     upstream: FakeUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[list[ServerProcess]]:
-    made = []
-    try:
-        for _ in range(2):
-            made.append(
-                ServerProcess(
-                    tmp_path_factory.mktemp("serve-lru"),
-                    redis_url=redis_server.url,
-                    cache_redis_url=lru_cache.url,
-                    upstreams={"echo": {"url": upstream.url, "model": "echo-up"}},
-                    auth="keys",
-                    api_keys={hashlib.sha256(KEY.encode()).hexdigest(): "team-a"},
-                    cache_timeout=1.0,
-                ).start()
-            )
-        yield made
-    finally:
-        for server in made:
-            server.stop()
+    yield from two_servers(
+        redis_server.url, upstream, tmp_path_factory, cache_redis_url=lru_cache.url
+    )
 
 
 def live_keys(client: redis.Redis) -> list[bytes]:
@@ -343,10 +340,10 @@ def test_a_follower_whose_live_stream_is_evicted_still_gets_the_whole_answer(
 def test_resuming_sends_only_what_was_not_relayed_whatever_the_chunking() -> None:
     from yichui.errors import CoalescedError
     from yichui.inference.engine import EngineChunk, Usage
-    from yichui.inference.service import _Relayed
+    from yichui.inference.relay import Relayed
 
     out: list[EngineChunk] = []
-    relayed = _Relayed(out.append)
+    relayed = Relayed(out.append)
     for chunk in (EngineChunk(0, "The qu"), EngineChunk(1, "A"), EngineChunk(1, "b", "stop")):
         relayed(chunk)
     resume = relayed.resume()  # the same answer again, cut into other pieces
@@ -362,7 +359,7 @@ def test_resuming_sends_only_what_was_not_relayed_whatever_the_chunking() -> Non
     assert [c.finish_reason for c in out if c.index == 1] == [None, "stop"]
     assert out[-1].usage == Usage(3, 4) and out[-1].finish_reason == "stop"
     with pytest.raises(CoalescedError, match="another answer"):
-        _Relayed(out.append).resume()  # nothing sent yet: anything goes
-        other = _Relayed(out.append)
+        Relayed(out.append).resume()  # nothing sent yet: anything goes
+        other = Relayed(out.append)
         other(EngineChunk(0, "Hello"))
         other.resume()(EngineChunk(0, "Help"))

@@ -35,8 +35,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from yichui.errors import CoalescedError, ImagesNotAcceptedError, RequestError, describe_error
 from yichui.inference.cache import (
@@ -55,6 +55,7 @@ from yichui.inference.engine import (
     EngineResult,
     Usage,
 )
+from yichui.inference.relay import Relayed, piece_of, pieces
 from yichui.inference.router import ModelRouter
 from yichui.metrics import OTHER, Metrics
 
@@ -382,10 +383,10 @@ class InferenceService:
                 if session.body is not None:
                     return session.body
                 if session.live is not None:  # streamed by another process: relayed live
-                    relayed = _Relayed(flight.push)
+                    relayed = Relayed(flight.push)
                     try:
                         async with contextlib.aclosing(session.live) as remote:
-                            result, _ = await _pump(_pieces(remote), n, relayed)
+                            result, _ = await _pump(pieces(remote), n, relayed)
                     except CoalescedError as exc:
                         if not stream_lost(exc):
                             raise  # the computation's own error: every reader gets it
@@ -405,7 +406,7 @@ class InferenceService:
 
                     def emit(chunk: EngineChunk) -> None:
                         flight.push(chunk)
-                        session.publish(_piece(chunk))
+                        session.publish(piece_of(chunk))
 
                     chunks = self._timed(bound, request)
                     result, finished = await _pump(chunks, n, emit)
@@ -545,68 +546,6 @@ async def _own(chunks: AsyncIterator[EngineChunk]) -> AsyncGenerator[EngineChunk
         closer = getattr(chunks, "aclose", None)
         if closer is not None:
             await closer()
-
-
-class _Relayed:
-    """The pieces a follower relayed from a live stream (called with each, passes it on to
-    ``out``); :meth:`resume` then takes a computation of the same answer over from there."""
-
-    def __init__(self, out: Callable[[EngineChunk], None]) -> None:
-        self.out = out
-        self.sent: dict[int, str] = {}
-        self.finished: set[int] = set()
-
-    def __call__(self, chunk: EngineChunk) -> None:
-        self.sent[chunk.index] = self.sent.get(chunk.index, "") + chunk.text
-        if chunk.finish_reason is not None:
-            self.finished.add(chunk.index)
-        self.out(chunk)
-
-    def resume(self) -> Callable[[EngineChunk], None]:
-        """A sink for the chunks of the answer computed again: only what was not relayed yet
-        goes out (the text past what each choice got; a choice that ended gets nothing more).
-        :class:`CoalescedError` if the new answer does not begin with what was sent (an
-        engine that is not deterministic after all)."""
-        again: dict[int, str] = {}
-
-        def out(chunk: EngineChunk) -> None:
-            i = chunk.index
-            before = again.get(i, "")
-            again[i] = text = before + chunk.text
-            sent = self.sent.get(i, "")
-            if i in self.finished:
-                return
-            if not (text.startswith(sent) or sent.startswith(text)):
-                raise CoalescedError(LIVE_LOST_DIVERGED)
-            new = text[max(len(sent), len(before)) :]
-            if new or chunk.finish_reason is not None or chunk.usage is not None:
-                self.out(replace(chunk, text=new))
-
-        return out
-
-
-LIVE_LOST_DIVERGED: dict[str, Any] = {
-    "message": "the stream this answer was read from broke off, and computing it again gave "
-    "another answer: ask again",
-    "status": 503,
-}
-
-
-def _piece(chunk: EngineChunk) -> dict[str, Any]:
-    """A piece of a streamed answer as the live stream carries it (see :func:`_pieces`)."""
-    piece: dict[str, Any] = {"i": chunk.index, "t": chunk.text}
-    if chunk.finish_reason is not None:
-        piece["f"] = chunk.finish_reason
-    if chunk.usage is not None:
-        piece["u"] = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
-    return piece
-
-
-async def _pieces(live: AsyncIterator[dict[str, Any]]) -> AsyncGenerator[EngineChunk, None]:
-    """The pieces read from a live stream, as engine chunks again."""
-    async for p in live:
-        usage = Usage(int(p["u"][0]), int(p["u"][1])) if "u" in p else None
-        yield EngineChunk(int(p["i"]), str(p.get("t", "")), p.get("f"), usage)
 
 
 def _cancelled_here() -> bool:
