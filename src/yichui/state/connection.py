@@ -43,7 +43,7 @@ from yichui.errors import (
     RedisUnavailableError,
     StateError,
 )
-from yichui.state.sentinel import check_master, password_missing
+from yichui.state.sentinel import auth_refusal, check_master
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -292,13 +292,14 @@ def connect_error(target: RedisTarget, exc: BaseException) -> StateError:
     :class:`RedisUnavailableError`. Never the password (redis-py's messages hold none)."""
     url, text = target.display, _reason(exc)
     upper = text.upper()
-    if password_missing(upper):
+    refused = auth_refusal(exc)
+    if refused == "missing":
         return RedisSetupError(
             url,
             "the server requires a password and none was given",
             hint="put the user and password in the URL (redis://user:password@host:port)",
         )
-    if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in upper:
+    if refused == "wrong":
         return RedisSetupError(
             url,
             "authentication failed: wrong password, or an unknown or disabled ACL user",

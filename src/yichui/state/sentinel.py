@@ -82,11 +82,11 @@ def check_master(target: RedisTarget, settings: Settings) -> None:
             with redis.Redis(host=host, port=port, **kwargs) as c:
                 masters = c.execute_command("SENTINEL", "MASTERS")
         except redis.RedisError as exc:
-            refused = _refused(exc)
+            refused = auth_refusal(exc)
             if refused is not None:  # the Sentinel answered and refused us: a setting
                 raise RedisSetupError(
                     f"{target.display} (the Sentinel at {host}:{port})",
-                    refused,
+                    _SENTINEL_REFUSED[refused],
                     hint="set the Sentinels' own password (their requirepass) as "
                     "?sentinel_password= in redis_url; the master's goes in the userinfo",
                 ) from exc
@@ -106,24 +106,24 @@ def check_master(target: RedisTarget, settings: Settings) -> None:
     )
 
 
-def password_missing(text: str) -> bool:
-    """Whether a server's refusal (its message, upper-cased) says it wants a password we did
-    not send: ``NOAUTH``, or, when redis-py opens with ``HELLO``, "HELLO must be called with
-    the client already authenticated" (which redis-py raises as a wrong password)."""
-    return any(
-        marker in text
-        for marker in ("NOAUTH", "AUTHENTICATION REQUIRED", "CLIENT ALREADY AUTHENTICATED")
-    )
-
-
-def _refused(exc: redis.RedisError) -> str | None:
-    """What a Sentinel's refusal of our password says, or None for any other failure."""
+def auth_refusal(exc: BaseException) -> str | None:
+    """How a server refused our credentials: ``"missing"`` (it wants a password we did not
+    send: ``NOAUTH``, or, as redis-py opens with ``HELLO``, "HELLO must be called with the
+    client already authenticated", which redis-py raises as a wrong password), ``"wrong"``
+    (a wrong password, an unknown or disabled ACL user), or None for any other failure."""
     text = str(exc).upper()
-    if password_missing(text):
-        return "the Sentinel requires a password and no sentinel_password was given"
+    markers = ("NOAUTH", "AUTHENTICATION REQUIRED", "CLIENT ALREADY AUTHENTICATED")
+    if any(marker in text for marker in markers):
+        return "missing"
     if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in text:
-        return "the Sentinel refused the password: wrong sentinel_password"
+        return "wrong"
     return None
+
+
+_SENTINEL_REFUSED = {
+    "missing": "the Sentinel requires a password and no sentinel_password was given",
+    "wrong": "the Sentinel refused the password: wrong sentinel_password",
+}
 
 
 def _pairs(entry: Any) -> dict[str, str]:
