@@ -26,9 +26,24 @@ import pytest
 
 from tests.api_server import ServerProcess
 from tests.suite_checks import in_ci
-from tests.worker_proc import WorkerProcess, worker_env
+from tests.worker_proc import FAST, WorkerProcess, worker_env
+from yichui.config import load_settings
+from yichui.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def client_runtime(redis_url: str, data_dir: Path, nas: Path) -> Runtime:
+    """The test's own Runtime beside the hosts: their Redis, the NAS's models root, the fast
+    task settings of their workers."""
+    return Runtime(
+        load_settings(
+            redis_url=redis_url,
+            data_dir=data_dir,
+            models_root=nas / "models",
+            **{k.removeprefix("YICHUI_").lower(): v for k, v in FAST.items()},
+        )
+    )
 
 
 class Host:

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.redis_proc import RedisProcess
+from tests.test_cli import run
+from yichui.config import load_settings
 
 
 def test_cluster_url_on_a_plain_server(tmp_path: Path) -> None:
     """One line naming the problem and the fix, exit code 2, before anything starts."""
     plain = RedisProcess(tmp_path / "plain").start()
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("YICHUI_")}
-        env["YICHUI_REDIS_URL"] = f"redis+cluster://127.0.0.1:{plain.port}"
-        env["YICHUI_DATA_DIR"] = str(tmp_path / "data")
-        done = subprocess.run(
-            [sys.executable, "-m", "yichui.cli.main", "tasks", "list"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        url = f"redis+cluster://127.0.0.1:{plain.port}"
+        done = run(load_settings(data_dir=tmp_path / "data"), "tasks", "list", redis_url=url)
     finally:
         plain.stop()
     assert done.returncode == 2, done.stderr

@@ -20,10 +20,9 @@ import pytest
 
 from tests.fake_upstream import FakeUpstream, fake_upstream
 from tests.helpers import make_model
-from tests.multihost import Host
+from tests.multihost import Host, client_runtime
 from tests.redis_proc import RedisProcess, wait_until
 from tests.worker_proc import FAST
-from yichui.config import load_settings
 from yichui.runtime import Runtime
 from yichui.state.task_store import TERMINAL
 from yichui.tasks.service import TaskService
@@ -70,14 +69,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     (nas / "models").mkdir(parents=True)
     (nas / "mirror").mkdir()
     hosts = {h: Host(tmp / f"host-{h}", h, redis.url, nas) for h in WORKERS}
-    rt = Runtime(
-        load_settings(
-            redis_url=redis.url,
-            data_dir=tmp / "client",
-            models_root=nas / "models",
-            **{k.removeprefix("YICHUI_").lower(): v for k, v in FAST.items()},
-        )
-    )
+    rt = client_runtime(redis.url, tmp / "client", nas)
     with fake_upstream() as upstream:
         try:
             for name, host in hosts.items():

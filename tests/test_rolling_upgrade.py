@@ -30,10 +30,8 @@ import redis
 
 from tests.fake_upstream import FakeUpstream, fake_upstream
 from tests.helpers import make_model
-from tests.multihost import Host, old_checkout
+from tests.multihost import Host, client_runtime, old_checkout
 from tests.redis_proc import RedisProcess, wait_until
-from tests.worker_proc import FAST
-from yichui.config import load_settings
 from yichui.models.status import STATUS_VERSION
 from yichui.runtime import Runtime
 from yichui.state.keys import Keys
@@ -96,14 +94,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
         (nas / "mirror").mkdir()
         old = Host(tmp / "host-old", "old", redis_proc.url, nas, pythonpath=old_src)
         new = Host(tmp / "host-new", "new", redis_proc.url, nas)
-        rt = Runtime(
-            load_settings(
-                redis_url=redis_proc.url,
-                data_dir=tmp / "client",
-                models_root=nas / "models",
-                **{k.removeprefix("YICHUI_").lower(): v for k, v in FAST.items()},
-            )
-        )
+        rt = client_runtime(redis_proc.url, tmp / "client", nas)
         with fake_upstream() as upstream:
             try:
                 route = {"echo": {"url": upstream.url, "model": "echo-up"}}
