@@ -234,6 +234,7 @@ class ClusterProcesses:
     cluster.flush()       # FLUSHALL on every master (our own throwaway nodes)
     old = cluster.kill_master(slot)       # SIGKILL the master of ``slot``
     cluster.wait_promoted(slot, old)      # -> time.monotonic() when a replica owns it
+    cluster.restart(old)                  # back, as a replica of the promoted one
     cluster.migrate_slot(slot, target)    # IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE
     cluster.stop()
     """
@@ -269,19 +270,7 @@ class ClusterProcesses:
     def start(self, timeout: float = 20.0) -> ClusterProcesses:
         try:
             for node in self.nodes:
-                node.start(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(node.workdir / "nodes.conf"),
-                    "--cluster-node-timeout",
-                    str(self.node_timeout_ms),
-                    "--cluster-require-full-coverage",
-                    "yes" if self.require_full_coverage else "no",
-                    # the default bus port, port + 10000, is out of range above 55535
-                    "--cluster-port",
-                    str(self.bus_ports[node.port]),
-                )
+                node.start(*self._node_args(node))
             # slots split evenly over the masters, then every node meets the first one
             masters = self.nodes[: self.size]
             per = 16384 // self.size
@@ -306,6 +295,34 @@ class ClusterProcesses:
             self.stop()
             raise
         return self
+
+    def _node_args(self, node: RedisProcess) -> list[str]:
+        return [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",  # its identity and its view of the cluster
+            str(node.workdir / "nodes.conf"),
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            "--cluster-require-full-coverage",
+            "yes" if self.require_full_coverage else "no",
+            # the default bus port, port + 10000, is out of range above 55535
+            "--cluster-port",
+            str(self.bus_ports[node.port]),
+        ]
+
+    def restart(self, node: RedisProcess, timeout: float = 30.0) -> RedisProcess:
+        """Start a killed node again (empty, its nodes.conf kept): a failed-over master comes
+        back as a replica of the node that took its slots; waits until it is one, in sync."""
+        node.start(*self._node_args(node))
+
+        def synced() -> bool:
+            with node.client() as c:
+                info = c.info("replication")
+            return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+        wait_until(synced, timeout=timeout, what=f"node {node.port} a replica again, in sync")
+        return node
 
     def _info(self, node: RedisProcess) -> str:
         with node.client() as c:

@@ -30,6 +30,7 @@ from yichui.inference.router import ModelRouter
 from yichui.inference.service import InferenceService
 from yichui.runtime.feed import EventFeed
 from yichui.runtime.fleet import FleetHeartbeat
+from yichui.state import cluster
 from yichui.state.connection import (
     REDIS_ERRORS,
     AsyncRedis,
@@ -68,6 +69,7 @@ class ServingServices:
         self._feed: EventFeed | None = None
         self._fleet: FleetHeartbeat | None = None
         self._sentinels: list[AsyncSentinelWatch] = []
+        self._cluster_probe: asyncio.Task[None] | None = None
         self.auth: Authenticator = rt.authenticator()
         """Checks every request's key without a Redis call (its table kept fresh here)."""
         self.metrics = rt.metrics
@@ -115,6 +117,9 @@ class ServingServices:
                 await asyncio.to_thread(check_master, target, s)
         self._state = make_async_client(state_target, s)
         self._cache_client = make_async_client(cache_target, s)
+        for target, client in ((state_target, self._state), (cache_target, self._cache_client)):
+            if target.kind == "cluster":  # the slots known before the first request
+                await cluster.warm(client, s.redis_connect_timeout)  # type: ignore[arg-type]
         self._sessions = SessionStore(self._state, rt.keys, s.session_ttl)
         self._feed = EventFeed(self._state, rt.keys, buffer=s.sse_buffer)
         if not self.auth.local:  # the keys, before the first request is let in
@@ -160,7 +165,8 @@ class ServingServices:
     def _follow_failovers(self, state: RedisTarget, cache: RedisTarget) -> None:
         """On a Sentinel's ``+switch-master``, drop the idle connections to the old master and
         close the cache's breaker at once: hits come back as soon as the replica is promoted,
-        not a cooldown later (the cooldown stays the fallback)."""
+        not a cooldown later (the cooldown stays the fallback). On a cluster, probe it while
+        the breaker is open (:meth:`_probe_cluster`)."""
         clients = [(state, self._state), (cache, self._cache_client)]
         for target in _distinct(state, cache):
             if target.kind != "sentinel":
@@ -178,6 +184,21 @@ class ServingServices:
             self._sentinels.append(AsyncSentinelWatch(target, self.settings, on_switch=switched))
         for watch in self._sentinels:
             watch.start()
+        if cache.kind == "cluster":
+            self._cluster_probe = asyncio.create_task(self._probe_cluster(), name="cluster-probe")
+
+    async def _probe_cluster(self, every: float = 0.25) -> None:
+        """While the cache's breaker is open, ask the cluster every ``every`` seconds whether
+        all its masters answer (a replica promoted): then close the breaker, the client's
+        slots refreshed. A cluster announces no failover; the cooldown stays the fallback."""
+        assert self._cache is not None and self._cache_client is not None
+        breaker, client = self._cache.breaker, self._cache_client
+        while True:
+            await asyncio.sleep(every)
+            if breaker.state == "closed":
+                continue
+            if await cluster.masters_answer(client, timeout=1.0):  # type: ignore[arg-type]
+                breaker.reset("every Redis Cluster master answers")
 
     async def close(self) -> None:
         if self._fleet is not None:
@@ -185,7 +206,7 @@ class ServingServices:
         for watch in self._sentinels:
             await watch.close()
         self._sentinels = []
-        for task in (self._watcher, self._keys_task):
+        for task in (self._watcher, self._keys_task, self._cluster_probe):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -43,6 +43,7 @@ from yichui.errors import (
     RedisUnavailableError,
     StateError,
 )
+from yichui.state.cluster import ReshardingCluster
 from yichui.state.sentinel import auth_refusal, check_master
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def _build(target: RedisTarget, settings: Settings, *, asyncio: bool) -> Any:
         redis_cls, sentinel_cls, cluster_cls, node_cls = (
             redis.Redis,
             Sentinel,
-            RedisCluster,
+            ReshardingCluster,  # TRYAGAIN for as long as a slot takes to move
             ClusterNode,
         )
         retry = Retry(_backoff(), settings.redis_retries)

@@ -1,0 +1,72 @@
+"""Redis Cluster, what redis-py leaves to us: riding out a slot migration, and telling when
+a failover is over.
+
+- :class:`ReshardingCluster`, the blocking client: a command that keeps getting ``TRYAGAIN``
+  (a multi-key script on a slot whose keys are split between two nodes mid-migration) is
+  tried again with backoff for up to :data:`RESHARD_WAIT` seconds, not the 16 quick tries
+  (about 0.4 s) redis-py gives it; the tasks' slot holds every task's keys, so moving it takes
+  a while.
+- :func:`masters_answer`, for the response cache's circuit breaker: while it is open, the API
+  asks the cluster whether every master answers again, so hits come back as soon as a replica
+  is promoted (a Sentinel announces that with ``+switch-master``; a cluster does not)::
+
+    if await masters_answer(client, timeout=1.0):
+        breaker.reset("every Redis Cluster master answers")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException
+
+log = logging.getLogger("yichui.state")
+
+RESHARD_WAIT = 10.0
+"""Seconds a command may keep meeting ``TRYAGAIN`` (its slot being moved) before it fails."""
+
+
+class ReshardingCluster(RedisCluster):
+    """A :class:`redis.cluster.RedisCluster` whose commands outlast a slot migration."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + RESHARD_WAIT
+        delay = 0.02
+        while True:
+            try:
+                return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+            except ClusterError:  # "TTL exhausted": redirected or TRYAGAIN on every try
+                if time.monotonic() + delay > deadline:
+                    raise
+            log.debug("%s: slot being moved, trying again in %.2fs", args[0], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+async def warm(client: AsyncRedisCluster, timeout: float) -> bool:
+    """Learn the slots before the first request needs them (a cluster client does it on its
+    first command, which the cache's short timeout would cut off): -> whether it could."""
+    with contextlib.suppress(TimeoutError, redis.RedisError, RedisClusterException, OSError):
+        await asyncio.wait_for(client.initialize(), timeout)
+        return True
+    return False
+
+
+async def masters_answer(client: AsyncRedisCluster, timeout: float) -> bool:
+    """Whether the masters serving every slot, as a live node describes the cluster now,
+    all answer ``PING``. The client's own view of the slots is refreshed on the way, so the
+    requests that follow go to the promoted replicas."""
+    try:
+        async with asyncio.timeout(timeout):
+            await client.nodes_manager.initialize()  # CLUSTER SLOTS from a node that answers
+            answers = await client.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
+    except (TimeoutError, redis.RedisError, RedisClusterException, OSError):
+        return False
+    return bool(answers)
