@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from tests.redis_proc import ClusterProcesses, RedisProcess, redis_for
+from tests.secure_redis import AclRedisProcess
 from yichui.config import Settings, load_settings
 from yichui.models.registry import ModelRegistry
 from yichui.runtime import Runtime
@@ -28,21 +29,30 @@ pytest_plugins = [
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--redis",
-        choices=("standalone", "cluster"),
+        choices=("standalone", "cluster", "acl"),
         default="standalone",
-        help="what redis_server/redis_url/redis_client give: one redis-server, or a 3-master "
-        "Redis Cluster (make pytest runs the core suites both ways)",
+        help="what redis_server/redis_url/redis_client give: one redis-server, a 3-master "
+        "Redis Cluster, or one redis-server where yichui connects as the documented "
+        "least-privilege ACL user and ACL LOG must stay empty (make pytest runs the core "
+        "suites all three ways)",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "standalone_only(reason): deselected under --redis=cluster, with the reason"
+        "markers",
+        "standalone_only(reason): needs one plain redis-server and full rights on it "
+        "(CONFIG SET, DEBUG, a kill): deselected under --redis=cluster and --redis=acl",
     )
 
 
+def redis_mode(config: pytest.Config) -> str:
+    """``standalone``, ``cluster`` or ``acl``: the ``--redis`` option."""
+    return str(config.getoption("--redis"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--redis") != "cluster":
+    if redis_mode(config) == "standalone":
         return
     keep, dropped = [], []
     for item in items:
@@ -53,18 +63,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def cluster_mode(config: pytest.Config) -> bool:
-    return bool(config.getoption("--redis") == "cluster")
+    return redis_mode(config) == "cluster"
 
 
 @pytest.fixture(scope="session")
 def redis_server(
     tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> Iterator[RedisProcess | ClusterProcesses]:
-    """One throwaway redis-server (or with --redis=cluster a 3-master cluster) for the
-    session; tests get it flushed."""
+    """One throwaway redis-server for the session (--redis=cluster: a 3-master cluster;
+    --redis=acl: an :class:`AclRedisProcess`, its ``default`` user off, ``admin`` and the
+    documented ``yichui`` user for the default namespace); tests get it flushed."""
     server: RedisProcess | ClusterProcesses
-    if cluster_mode(pytestconfig):
+    mode = redis_mode(pytestconfig)
+    if mode == "cluster":
         server = ClusterProcesses(tmp_path_factory.mktemp("cluster")).start()
+    elif mode == "acl":
+        server = AclRedisProcess(tmp_path_factory.mktemp("redis-acl")).start()
     else:
         server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
     yield server
@@ -73,23 +87,59 @@ def redis_server(
 
 @pytest.fixture
 def redis_url(redis_server: RedisProcess | ClusterProcesses) -> str:
+    """The URL yichui connects with (--redis=acl: as the least-privilege ``yichui`` user)."""
     if isinstance(redis_server, ClusterProcesses):
         redis_server.flush()  # every master: our own throwaway nodes
         return redis_server.url
     if redis_server.proc is None:  # a test killed it
         redis_server.start()
-    with redis_server.client() as c:
+    with redis_server.client() as c:  # --redis=acl: admin (yichui's user may not flush)
         c.flushall()  # our own throwaway server, never a shared one
     return redis_server.url
 
 
 @pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A client of the test's Redis (a RedisCluster under --redis=cluster, which has the same
-    single-key commands; typed as redis.Redis so tests need no cast)."""
-    client: Any = redis_for(redis_url)
+def redis_client(request: pytest.FixtureRequest, redis_url: str) -> Iterator[redis.Redis]:
+    """The test's own client of its Redis, to look at keys and set them up (a RedisCluster
+    under --redis=cluster, which has the same single-key commands; typed as redis.Redis so
+    tests need no cast). Under --redis=acl it is ``admin``: tests look at keys freely, it is
+    yichui (through ``redis_url``) that must run least-privileged."""
+    acl = redis_mode(request.config) == "acl"
+    server = request.getfixturevalue("redis_server") if acl else None
+    client: Any
+    if isinstance(server, AclRedisProcess) and redis_url == server.url:
+        client = server.client()
+    else:  # a module's own redis_url may name another server
+        client = redis_for(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture(autouse=True)
+def acl_log_stays_empty(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under --redis=acl, fails a test after which ``ACL LOG`` is not empty: a command or key
+    the ``yichui`` user was denied, even one yichui swallowed (a cache that quietly bypasses
+    on NOPERM), is a finding. Only for tests that use the test's Redis."""
+    if redis_mode(request.config) != "acl" or "redis_server" not in request.fixturenames:
+        yield
+        return
+    server = request.getfixturevalue("redis_server")
+    assert isinstance(server, AclRedisProcess)
+    with server.client() as admin:
+        admin.acl_log_reset()
+    yield
+    if server.proc is None:  # a test stopped it
+        return
+    with server.client() as admin:
+        entries = admin.acl_log()
+        admin.acl_log_reset()
+    if entries:
+        denied = "; ".join(
+            f"{e.get('username')} denied {e.get('reason')} {e.get('object')!r} "
+            f"({e.get('context')}, {e.get('count')}x)"
+            for e in entries
+        )
+        pytest.fail(f"ACL LOG is not empty after the test: {denied}", pytrace=False)
 
 
 @pytest.fixture

@@ -4,6 +4,12 @@ tests of docs/deployment.md#secure-redis-acl-tls::
     certs = make_certs(tmp_path / "certs")            # a CA, the server's and a client's
     server = SecureRedis(tmp_path / "r", tls=certs).start()
     server.url(user="yichui", password=YICHUI_PASSWORD)    # rediss://yichui:…@127.0.0.1:<port>/0
+
+and the server of ``--redis=acl`` (tests/conftest.py), which runs the core suites as that user::
+
+    server = AclRedisProcess(tmp_path).start()        # no namespace: the documented prefixes
+    server.url                                        # redis://yichui:…@127.0.0.1:<port>/0
+    server.client()                                   # admin
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from tests.redis_proc import end_process, free_port, wait_until
+from tests.redis_proc import RedisProcess, end_process, free_port, wait_until
 from yichui.state.embedded import find_redis_server
 
 ADMIN_PASSWORD = "adm1n-Secret-9f3"
@@ -24,13 +31,24 @@ YICHUI_PASSWORD = "yc-S3cret-pw-51d7"
 
 NAMESPACE = "yc"
 
-YICHUI_ACL = (
-    "on",
-    f">{YICHUI_PASSWORD}",
-    "resetkeys",
-    "resetchannels",
-    f"~{NAMESPACE}:*",
-    f"&{NAMESPACE}:*",
+NO_NAMESPACE_PATTERNS = (
+    "~model_*",
+    "~task_*",
+    "~response*",
+    "~eval_result:*",
+    "~api_keys",
+    "~session:*",
+    "~audit_log",
+    "~servers",
+    "&model_events",
+    "&task_events",
+    "&response_events",
+    "&api_key_events",
+)
+"""The keys and channels of a deployment without a namespace (docs/deployment.md, from
+docs/keys.md): the ACL's patterns when ``namespace`` is empty."""
+
+YICHUI_COMMANDS = (
     "-@all",
     # connection: redis-py's handshake and health checks
     "+hello",
@@ -104,7 +122,27 @@ YICHUI_ACL = (
     "+exec",
     "+discard",
 )
+"""The commands of the documented ACL: everything yichui runs, nothing more."""
+
+
+def yichui_acl(namespace: str) -> tuple[str, ...]:
+    """The documented ACL rules of the ``yichui`` user for ``namespace`` (``""``: none)."""
+    patterns = (f"~{namespace}:*", f"&{namespace}:*") if namespace else NO_NAMESPACE_PATTERNS
+    return ("on", f">{YICHUI_PASSWORD}", "resetkeys", "resetchannels", *patterns, *YICHUI_COMMANDS)
+
+
+YICHUI_ACL = yichui_acl(NAMESPACE)
 """The ACL of docs/deployment.md, for namespace ``yc``: a test checks the two agree."""
+
+
+def acl_users(namespace: str) -> list[str]:
+    """redis-server arguments: the ``default`` user off, ``admin`` with every right, ``yichui``
+    with the documented ACL for ``namespace``."""
+    return [
+        *("--user", "default", "off"),
+        *("--user", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all"),
+        *("--user", "yichui", *yichui_acl(namespace)),
+    ]
 
 
 @dataclass(frozen=True)
@@ -169,9 +207,7 @@ class SecureRedis:
                 "--save", "", "--appendonly", "no",
                 "--logfile", str(self.workdir / "redis.log")]  # fmt: skip
         if self.acl:
-            args += ["--user", "default", "off"]
-            args += ["--user", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all"]
-            args += ["--user", "yichui", *YICHUI_ACL]
+            args += acl_users(NAMESPACE)
         if self.tls:
             t = self.tls
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
@@ -205,3 +241,26 @@ class SecureRedis:
     def stop(self) -> None:
         end_process(self.proc, signal.SIGTERM)
         self.proc = None
+
+
+class AclRedisProcess(RedisProcess):
+    """A :class:`RedisProcess` with the users of :func:`acl_users` (``--redis=acl``): its
+    :attr:`url` is the ``yichui`` user's, what yichui connects with; its :meth:`client` is
+    ``admin``, for the tests' own setup, inspection, flushing and ``ACL LOG``."""
+
+    def __init__(self, workdir: Path, *, namespace: str = "", **kwargs: Any) -> None:
+        super().__init__(workdir, **kwargs)
+        self.namespace = namespace
+
+    @property
+    def url(self) -> str:
+        return f"redis://yichui:{YICHUI_PASSWORD}@127.0.0.1:{self.port}/0"
+
+    def start(self, *extra: str) -> AclRedisProcess:
+        super().start(*acl_users(self.namespace), *extra)
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            port=self.port, username="admin", password=ADMIN_PASSWORD, socket_timeout=5
+        )

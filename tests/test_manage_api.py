@@ -20,6 +20,8 @@ from tests.redis_proc import RedisProcess, wait_until
 def server(
     redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
+    with redis_server.client() as c:
+        c.flushall()  # our own throwaway server: no model index another module left there
     work = tmp_path_factory.mktemp("manage")
     datasets = work / "datasets"
     datasets.mkdir()

@@ -22,6 +22,7 @@ from tests.redis_proc import RedisProcess
 from tests.secure_redis import (
     ADMIN_PASSWORD,
     NAMESPACE,
+    NO_NAMESPACE_PATTERNS,
     YICHUI_ACL,
     YICHUI_PASSWORD,
     Certs,
@@ -117,6 +118,11 @@ def test_the_documented_acl_is_the_tested_one() -> None:
     documented = block.group(1).replace("\\\n", " ").split()
     tested = [">PASSWORD" if rule.startswith(">") else rule for rule in YICHUI_ACL]
     assert documented == tested
+    # without a namespace (what --redis=acl runs the core suites with): the listed prefixes
+    bullet = re.search(r"^- Without a namespace, (.*?)\n(?=- |\n)", text, re.M | re.S)
+    assert bullet, "docs/deployment.md says what replaces ~yc:* &yc:* without a namespace"
+    spans = " ".join(re.findall(r"`([^`]*)`", bullet.group(1))).split()
+    assert [r for r in spans if not r.startswith(("~yc:", "&yc:"))] == list(NO_NAMESPACE_PATTERNS)
 
 
 async def _ask(cache: ResponseCache, calls: list[str], key: str) -> CacheStatus:
