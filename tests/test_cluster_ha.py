@@ -112,6 +112,29 @@ def _slot(key: str) -> int:
     return int(redis.cluster.key_slot(key.encode()))
 
 
+def test_replicated_enqueue_on_a_cluster(
+    cluster: ClusterProcesses, tmp_path: Path, clean_env: None
+) -> None:
+    """task_durability = "replicated" on a cluster: WAIT on the connection to the master of
+    the tasks' slot, so its replica has the task when submit returns."""
+    rt = Runtime(_settings(tmp_path, cluster.url, task_durability="replicated"))
+    try:
+        ids = [rt.tasks.submit("stamp", {"seconds": 0})["id"] for _ in range(20)]
+        master = cluster.owner(_slot(rt.keys.task_queue("default")))
+        replica = next(n for n in cluster.live() if n is not master and _replica_of(n, master))
+        with replica.client() as c:
+            c.execute_command("READONLY")
+            assert all(c.exists(rt.keys.task_status(t)) for t in ids)
+    finally:
+        rt.close()
+
+
+def _replica_of(node: RedisProcess, master: RedisProcess) -> bool:
+    with node.client() as c:
+        info = c.info("replication")
+    return info.get("role") == "slave" and int(info.get("master_port", 0)) == master.port
+
+
 @pytest.mark.slow
 async def test_script_flush_on_every_node(
     cluster: ClusterProcesses, tmp_path: Path, clean_env: None
@@ -258,7 +281,8 @@ async def test_master_failover_measured(
     requests and a worker run: the API keeps answering (uncached where the slot's master is
     gone), the replica is promoted, hits and claims come back, every task ends once."""
     caplog.set_level(logging.WARNING)
-    settings = _settings(tmp_path, cluster.url)
+    sentinel_fixtures.RUNS.clear()  # runs of earlier tests in this process
+    settings = _settings(tmp_path, cluster.url, task_durability="replicated")
     submitter, worker_rt = Runtime(settings), Runtime(settings, role="worker")
     worker = worker_rt.worker(concurrency=2)
     worker_thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
@@ -270,10 +294,8 @@ async def test_master_failover_measured(
             for p in prompts:
                 assert (await _ask(client, p))[0] == 200
             assert [(await _ask(client, p))[1] for p in prompts] == ["hit"] * len(prompts)
+            # each one in the replica too (task_durability = "replicated": WAIT on the master)
             tasks = [submitter.tasks.submit("stamp", {"seconds": 0.15})["id"] for _ in range(30)]
-            for node in cluster.masters():  # in the replicas too before the master dies
-                with node.client() as c:
-                    c.execute_command("WAIT", 1, 2000)
             stop = asyncio.Event()
 
             async def traffic() -> None:

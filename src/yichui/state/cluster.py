@@ -20,12 +20,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    RedisClusterException,
+    TryAgainError,
+)
 
 log = logging.getLogger("yichui.state")
 
@@ -48,6 +55,29 @@ class ReshardingCluster(RedisCluster):
             log.debug("%s: slot being moved, trying again in %.2fs", args[0], delay)
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def on_slot_owner(client: RedisCluster, key: str, queue: Callable[[Any], object]) -> list[Any]:
+    """Run the commands ``queue(pipe)`` adds to a pipeline of the master that serves ``key``'s
+    slot, on one connection (what ``WAIT`` needs: it counts what that connection wrote):
+    -> their replies. A slot that moved meanwhile (MOVED, ASK, TRYAGAIN) gets its owner found
+    again, for up to :data:`RESHARD_WAIT` seconds; the commands must bear running again (their
+    first run was refused, or went to a node that no longer has the slot)."""
+    deadline = time.monotonic() + RESHARD_WAIT
+    delay = 0.02
+    while True:
+        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+        queue(pipe)
+        try:
+            return list(pipe.execute())
+        except (MovedError, AskError, TryAgainError):
+            if time.monotonic() + delay > deadline:
+                raise
+        log.debug("%s: slot moved, finding its master again", key)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+        client.nodes_manager.initialize()
 
 
 async def warm(client: AsyncRedisCluster, timeout: float) -> bool:

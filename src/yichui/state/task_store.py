@@ -21,6 +21,7 @@ from redis.cluster import RedisCluster
 
 from yichui.errors import NotDurableError, RedisSetupError, StateError
 from yichui.state import task_lua
+from yichui.state.cluster import on_slot_owner
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import REDIS_ERRORS, SyncRedis, state_errors
 from yichui.state.keys import Keys
@@ -211,7 +212,8 @@ class TaskStore:
 
     def _durable_enqueue(self, task_id: str, queue: str, argv: tuple[Any, ...]) -> Any:
         """ENQUEUE, then WAIT / WAITAOF on the same connection (both count what this
-        connection wrote): one pipeline, so no other thread's command comes between."""
+        connection wrote): one pipeline, so no other thread's command comes between. On a
+        cluster, to the master of the tasks' slot (every task key is there)."""
         fsync = self.durability == "fsync"
         if fsync and not self._has_waitaof():
             raise RedisSetupError(
@@ -221,20 +223,21 @@ class TaskStore:
                 hint='set task_durability = "replicated" (WAIT: in the replicas\' memory), '
                 "or upgrade Redis to 7.2 or later",
             )
-        if isinstance(self.client, RedisCluster):
-            raise RedisSetupError(
-                "the state instance",
-                "task_durability needs a standalone or Sentinel Redis (WAIT goes to one node)",
-                hint='set task_durability = "none" with Redis Cluster',
-            )
         timeout_ms = max(1, int(self.durability_timeout * 1000))
-        pipe = self.client.pipeline(transaction=False)
-        self._run("ENQUEUE", task_id, queue, *argv, client=pipe)
+        wait: tuple[Any, ...] = ("WAIT", self.replicas, timeout_ms)
         if fsync:
-            pipe.execute_command("WAITAOF", 1, self.replicas, timeout_ms)
+            wait = ("WAITAOF", 1, self.replicas, timeout_ms)
+
+        def commands(pipe: Any) -> None:
+            self._run("ENQUEUE", task_id, queue, *argv, client=pipe)
+            pipe.execute_command(*wait)
+
+        if isinstance(self.client, RedisCluster):  # the tasks' slot's master, one connection
+            res, acked = on_slot_owner(self.client, self.keys.task_queue(queue), commands)
         else:
-            pipe.execute_command("WAIT", self.replicas, timeout_ms)
-        res, acked = pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            commands(pipe)
+            res, acked = pipe.execute()
         if fsync:
             local, remote = int(acked[0]), int(acked[1])
             if local < 1 or remote < self.replicas:
