@@ -121,6 +121,10 @@ YICHUI_COMMANDS = (
     "+multi",
     "+exec",
     "+discard",
+    # a Redis Cluster client's: the slots, the commands' key positions, a slot being moved
+    "+cluster|slots",
+    "+command",
+    "+asking",
 )
 """The commands of the documented ACL: everything yichui runs, nothing more."""
 

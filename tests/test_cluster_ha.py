@@ -21,7 +21,8 @@ import redis
 from tests import sentinel_fixtures
 from tests.helpers import make_model
 from tests.redis_proc import ClusterProcesses, RedisProcess
-from tests.test_cli import run
+from tests.secure_redis import YICHUI_PASSWORD, yichui_acl
+from tests.test_cli import assert_one_line_error, run
 from yichui.api.app import create_app
 from yichui.config import Settings, load_settings
 from yichui.runtime import Runtime
@@ -42,6 +43,40 @@ def test_cluster_url_on_a_plain_server(tmp_path: Path) -> None:
     assert lines[0].startswith("error: ") and "not a Redis Cluster node" in lines[0]
     assert lines[1].startswith("hint: ") and "redis://host:port" in lines[1]
     assert "Traceback" not in done.stderr and len(lines) == 2
+
+
+def _acl_user(cluster: ClusterProcesses, *, without: str = "") -> str:
+    """The documented ACL's ``yichui`` user on every node (ACLs are per node; no namespace, so
+    its key prefixes), less the rule ``without``: -> its cluster URL."""
+    rules = [r for r in yichui_acl("") if r != without]
+    for node in cluster.live():
+        with node.client() as c:
+            c.execute_command("ACL", "SETUSER", "yichui", "reset", *rules)
+            c.acl_log_reset()
+    nodes = ",".join(f"127.0.0.1:{n.port}" for n in cluster.nodes)
+    return f"redis+cluster://yichui:{YICHUI_PASSWORD}@{nodes}"
+
+
+def _acl_log(cluster: ClusterProcesses) -> list[str]:
+    """What the ACL refused, on every live node."""
+    out = []
+    for node in cluster.live():
+        with node.client() as c:
+            out += [f"{node.port}: {e['reason']} {e['object']}" for e in c.acl_log()]
+    return out
+
+
+def test_cluster_acl_user_lacking_a_permission(tmp_path: Path) -> None:
+    """redis-py reports a refused CLUSTER SLOTS as "cluster mode is not enabled"; yichui says
+    what it is: the ACL, with the fix."""
+    nodes = ClusterProcesses(tmp_path / "cluster").start()
+    try:
+        url = _acl_user(nodes, without="+cluster|slots")
+        done = run(load_settings(data_dir=tmp_path / "data"), "tasks", "list", redis_url=url)
+    finally:
+        nodes.stop()
+    assert_one_line_error(done, 2, "the ACL user lacks a permission yichui needs")
+    assert "cluster|slots" in done.stderr and YICHUI_PASSWORD not in done.stderr
 
 
 # -- NOSCRIPT, resharding, failover ---------------------------------------------------------
@@ -180,8 +215,9 @@ async def test_slots_moved_under_traffic(
     """Resharding while requests, pulls' status reads, submitters and a worker run: the
     tasks' slot, a model status's and a cached answer's move to another master a key at a
     time (the ASK phase, multi-key scripts meeting TRYAGAIN), then for good (MOVED). Nothing
-    fails, nothing is lost, every task ends once, the moved answer is still a hit."""
-    settings = _settings(tmp_path, cluster.url)
+    fails, nothing is lost, every task ends once, the moved answer is still a hit. As the
+    documented least-privilege ACL user (ASKING and all): nothing refused on any node."""
+    settings = _settings(tmp_path, _acl_user(cluster))
     make_model(settings.models_path, "org/a")
     submitter, worker_rt = Runtime(settings), Runtime(settings, role="worker")
     worker = worker_rt.worker(concurrency=2)
@@ -271,6 +307,7 @@ async def test_slots_moved_under_traffic(
     )
     assert moved[slots[0]] > len(tasks)  # the tasks' keys really moved, mid-traffic
     assert not uncached
+    assert _acl_log(cluster) == []
 
 
 @pytest.mark.slow

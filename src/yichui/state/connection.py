@@ -280,8 +280,29 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> tuple[SyncRed
         client = make_sync_client(target, settings)
         client.ping()
     except REDIS_ERRORS as exc:
-        raise connect_error(target, exc) from exc
+        cause = _cluster_refusal(target, settings) if target.kind == "cluster" else None
+        raise connect_error(target, cause or exc) from exc
     return client, target
+
+
+def _cluster_refusal(target: RedisTarget, settings: Settings) -> Exception | None:
+    """What ``CLUSTER SLOTS`` really answers on the first node that answers: redis-py reports
+    any refusal of it (an ACL without ``+cluster|slots`` too) as "cluster mode is not
+    enabled". -> that error, or None when a node accepts it."""
+    kwargs = _common_kwargs(settings) | (tls_kwargs(settings) if target.tls else {})
+    for host, port in target.nodes:
+        plain = redis.Redis(host=host, port=port, username=target.username,
+                            password=target.password, ssl=target.tls, **kwargs)  # fmt: skip
+        try:
+            plain.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            return None
+        except (redis.ResponseError, redis.AuthenticationError) as exc:
+            return exc  # NOPERM, "cluster support disabled", a password refused
+        except REDIS_ERRORS:
+            continue  # this node is down: ask the next one
+        finally:
+            plain.close()
+    return None
 
 
 _ACL_DOC = "docs/deployment.md#secure-redis-acl-tls"
@@ -324,7 +345,9 @@ def connect_error(target: RedisTarget, exc: BaseException) -> StateError:
             f"the TLS handshake failed ({text})",
             hint="is it a TLS port? use redis:// for a plain one; check the redis_ssl_* settings",
         )
-    if target.kind == "cluster" and "CLUSTER MODE IS NOT ENABLED" in upper:
+    if target.kind == "cluster" and (
+        "CLUSTER MODE IS NOT ENABLED" in upper or "CLUSTER SUPPORT DISABLED" in upper
+    ):
         return RedisSetupError(
             url,
             "the node is a plain Redis, not a Redis Cluster node (cluster mode is not enabled)",
