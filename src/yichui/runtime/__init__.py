@@ -30,6 +30,7 @@ from yichui.models.registry import ModelRegistry
 from yichui.models.sources import Sources
 from yichui.models.status import LISTING_FIELDS
 from yichui.runtime import capabilities
+from yichui.state.cluster import ClusterWatch
 from yichui.state.connection import RedisTarget, SyncRedis, connect, parse_redis_url, resolve_url
 from yichui.state.eval_store import EvalResultStore
 from yichui.state.fleet import ServerStore
@@ -209,6 +210,12 @@ class Runtime:
                 worker.redis_changed()
 
             worker.failovers = SentinelWatch(target, s, on_switch=switched)
+        elif target.kind == "cluster":  # no announcement: asked while Redis seems down
+            worker.failovers = ClusterWatch(
+                client,  # type: ignore[arg-type]
+                wanted=lambda: worker.redis_down,
+                on_back=worker.redis_changed,
+            )
         return worker
 
     def check_redis_names(self) -> None:

@@ -12,6 +12,9 @@ a failover is over.
 
     if await masters_answer(client, timeout=1.0):
         breaker.reset("every Redis Cluster master answers")
+
+- :class:`ClusterWatch`, the same for a worker: while it cannot reach Redis, a thread asks
+  every quarter second, and ends the worker's backoff wait once every master answers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -100,3 +104,45 @@ async def masters_answer(client: AsyncRedisCluster, timeout: float) -> bool:
     except (TimeoutError, redis.RedisError, RedisClusterException, OSError):
         return False
     return bool(answers)
+
+
+class ClusterWatch:
+    """While ``wanted()`` (the worker finds Redis down), check every ``every`` seconds whether
+    every master of the cluster answers (its slots refreshed on the way), and call
+    ``on_back()`` when they do: the worker tries again at once, not a backoff later."""
+
+    def __init__(
+        self,
+        client: RedisCluster,
+        *,
+        wanted: Callable[[], bool],
+        on_back: Callable[[], None],
+        every: float = 0.25,
+    ) -> None:
+        self.client = client
+        self.wanted = wanted
+        self.on_back = on_back
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ClusterWatch:
+        self._thread = threading.Thread(target=self._run, name="cluster-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            if not self.wanted():
+                continue
+            try:
+                self.client.nodes_manager.initialize()  # CLUSTER SLOTS from a node that answers
+                self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+            except (redis.RedisError, RedisClusterException, OSError):
+                continue  # a master still missing
+            self.on_back()

@@ -75,8 +75,9 @@ _ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, StateError)
 
 
 class FailoverWatch(Protocol):
-    """Follows the Redis master (``state/sentinel.py``'s :class:`SentinelWatch`) and calls
-    back :meth:`Worker.redis_changed` when it changes."""
+    """Follows the Redis master (``state/sentinel.py``'s :class:`SentinelWatch`, or
+    ``state/cluster.py``'s :class:`ClusterWatch`) and calls back :meth:`Worker.redis_changed`
+    when it changes."""
 
     def start(self) -> object: ...
     def stop(self) -> None: ...
@@ -317,6 +318,11 @@ class Worker:
                 continue
             self._up()
             return out
+
+    @property
+    def redis_down(self) -> bool:
+        """Whether the last Redis call failed (the worker waits and tries again)."""
+        return self._redis_down
 
     def redis_changed(self) -> None:
         """A new Redis master (a failover): every wait between retries ends now."""
