@@ -383,3 +383,46 @@ def test_embedded_url_parses(embedded: EmbeddedRedis) -> None:
     target = parse_redis_url(info.url)
     assert target.kind == "standalone"
     assert target.display == info.display_url
+
+
+DEPLOYMENT = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
+
+
+def _recipe(heading: str) -> str:
+    """The shell block under the paragraph starting ``**<heading>**`` in docs/deployment.md."""
+    text = DEPLOYMENT.read_text()
+    part = text[text.index(f"**{heading}**") :]
+    return part.split("```\n", 2)[1]
+
+
+def test_the_documented_backup_and_restore(tmp_path: Path) -> None:
+    """docs/deployment.md's backup and restore of the embedded Redis, run as written (with
+    ``~/.local/share`` as this test's XDG_DATA_HOME): a task queued after the backup is gone
+    after the restore, the one before it is back."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YICHUI_")}
+    env.update(HOME=str(home), XDG_DATA_HOME=str(home / ".local" / "share"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the yichui CLI
+    data = home / ".local" / "share" / "yichui"
+
+    def sh(script: str) -> str:
+        done = subprocess.run(["sh", "-ec", script], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def queued() -> set[str]:
+        out = sh("yichui tasks list --json")
+        return {t["id"] for t in json.loads(out)["tasks"] if t["state"] == "queued"}
+
+    try:
+        sh("yichui tasks submit selftest --id before-backup")
+        sh(_recipe("Back up"))
+        (backup,) = tmp_path.glob("yichui-redis-*.tgz")
+        sh("yichui tasks submit selftest --id after-backup")
+        assert queued() == {"before-backup", "after-backup"}
+        sh(_recipe("Restore").replace("yichui-redis-2026-12-01.tgz", backup.name))
+        assert queued() == {"before-backup"}
+    finally:
+        with contextlib.suppress(Exception):
+            EmbeddedRedis(data).stop()
