@@ -11,15 +11,25 @@
 
 Also a ``stamp`` task type (this module is an ``extensions`` entry): it sleeps ``seconds`` and
 records when each run started, in this process (:data:`RUNS`), so a test can tell when workers
-claimed again after a failover.
+claimed again after a failover; and what the failover tests (Sentinel and Cluster) share::
+
+    settings = failover_settings(tmp_path, url)   # the echo engine, stamp, short leases
+    with running_worker(rt) as worker: ...     # a worker thread, stopped and joined after
+    until(lambda: ..., 60.0)                   # poll a predicate (errors count as False)
+    assert_each_ended_once(rt, task_ids)       # succeeded, with exactly one final state
+    settle_then_heal(rt, task_ids, heal)       # all ended; heal(); 5 more tasks succeed
+    claimed_again(task_ids, since, logs)       # when workers ran a task again; all ran
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from pydantic import Field
@@ -30,8 +40,14 @@ from tests.redis_proc import (
     SentinelProcess,
     wait_until,
 )
+from yichui.config import Settings, load_settings
+from yichui.state.task_store import TERMINAL
 from yichui.tasks.context import TaskContext
 from yichui.tasks.types import TaskArgs, TaskType
+
+if TYPE_CHECKING:
+    from yichui.runtime import Runtime
+    from yichui.tasks.worker import Worker
 
 DOWN_AFTER_MS = 1000
 """A master silent this long is subjectively down (Redis' default is 30 s)."""
@@ -244,3 +260,84 @@ def stamp(ctx: TaskContext, args: StampArgs) -> dict[str, Any]:
     RUNS.append((ctx.id, time.monotonic()))
     time.sleep(args.seconds)
     return {"slept": args.seconds}
+
+
+# -- what the failover tests share -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running_worker(rt: Runtime, concurrency: int = 2) -> Iterator[Worker]:
+    """A worker of ``rt`` in a thread for the block; stopped (no hand-back) and joined after."""
+    worker = rt.worker(concurrency=concurrency)
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop(hand_back=False)
+        thread.join(timeout=15)
+
+
+def until(predicate: Callable[[], bool], timeout: float) -> None:
+    """Poll ``predicate`` every 50 ms (an exception counts as not yet) until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s")
+
+
+def assert_each_ended_once(rt: Runtime, tasks: list[str]) -> None:
+    """Each task succeeded, with exactly one final state in its log: it ran once or (an
+    acknowledgement lost with the master) more, and ended once."""
+    for t in tasks:
+        assert rt.tasks.get(t)["state"] == "succeeded", t
+        ends = [
+            e
+            for e in rt.task_store.log_entries(t)
+            if e.kind == "state" and e.data.get("state") in TERMINAL
+        ]
+        assert len(ends) == 1, (t, ends)
+
+
+def claimed_again(tasks: list[str], since: float, logs: list[logging.LogRecord]) -> float:
+    """``time.monotonic()`` of the first run that started after ``since`` (a failover seen),
+    once every one of ``tasks`` ran and no ``READONLY`` reply was logged (a client that kept
+    writing to a demoted master). Clears :data:`RUNS` for the next test."""
+    assert set(tasks) <= {tid for tid, _ in RUNS}
+    assert not [r.getMessage() for r in logs if "READONLY" in r.getMessage()]
+    after = [t for _, t in RUNS if t > since]
+    RUNS.clear()
+    return min(after) if after else float("inf")
+
+
+def settle_then_heal(rt: Runtime, tasks: list[str], heal: Callable[[], object]) -> list[str]:
+    """Wait until every one of ``tasks`` has ended, ``heal()`` (the old master back as a
+    replica), then 5 more ``stamp`` tasks must succeed on the healed set-up: -> their ids."""
+    until(lambda: all(rt.tasks.get(t)["state"] in TERMINAL for t in tasks), 60.0)
+    heal()
+    after = [rt.tasks.submit("stamp", {"seconds": 0.0})["id"] for _ in range(5)]
+    until(lambda: all(rt.tasks.get(t)["state"] == "succeeded" for t in after), 20.0)
+    return after
+
+
+EXTENSIONS = ["tests.extensions.echo_engine", "tests.sentinel_fixtures"]
+"""The echo engine (deterministic answers, cached) and the ``stamp`` task type."""
+
+
+def failover_settings(tmp_path: Path, url: str, **extra: Any) -> Settings:
+    """Settings for a failover test on ``url``: every cache hit read from Redis (no near
+    cache: what is measured is Redis coming back), short leases and backoffs."""
+    return load_settings(
+        data_dir=tmp_path / "data",
+        models_root=tmp_path / "models",
+        redis_url=url,
+        extensions=EXTENSIONS,
+        cache_near_ttl=0,
+        task_lease=3.0,
+        task_heartbeat=0.5,
+        task_backoff=0.1,
+        **extra,
+    )

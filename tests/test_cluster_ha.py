@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +21,14 @@ from tests import sentinel_fixtures
 from tests.helpers import make_model
 from tests.redis_proc import ClusterProcesses, RedisProcess
 from tests.secure_redis import YICHUI_PASSWORD, yichui_acl
+from tests.sentinel_fixtures import (
+    assert_each_ended_once,
+    claimed_again,
+    failover_settings,
+    running_worker,
+    settle_then_heal,
+    until,
+)
 from tests.test_cli import assert_one_line_error, run
 from yichui.api.app import create_app
 from yichui.config import Settings, load_settings
@@ -82,7 +89,6 @@ def test_cluster_acl_user_lacking_a_permission(tmp_path: Path) -> None:
 # -- NOSCRIPT, resharding, failover ---------------------------------------------------------
 
 
-EXTENSIONS = ["tests.extensions.echo_engine", "tests.sentinel_fixtures"]
 BOUND = 3.0
 """Seconds from a replica's promotion to hits again and to claims again that the test accepts
 (a noisy 2-core machine gets slack; the figures are printed)."""
@@ -103,20 +109,6 @@ def cluster(tmp_path: Path) -> Iterator[ClusterProcesses]:
         yield nodes
     finally:
         nodes.stop()
-
-
-def _settings(tmp_path: Path, url: str, **extra: Any) -> Settings:
-    return load_settings(
-        data_dir=tmp_path / "data",
-        models_root=tmp_path / "models",
-        redis_url=url,
-        extensions=EXTENSIONS,
-        cache_near_ttl=0,  # every hit from Redis: what is measured is Redis coming back
-        task_lease=3.0,
-        task_heartbeat=0.5,
-        task_backoff=0.1,
-        **extra,
-    )
 
 
 @contextlib.asynccontextmanager
@@ -152,7 +144,7 @@ def test_replicated_enqueue_on_a_cluster(
 ) -> None:
     """task_durability = "replicated" on a cluster: WAIT on the connection to the master of
     the tasks' slot, so its replica has the task when submit returns."""
-    rt = Runtime(_settings(tmp_path, cluster.url, task_durability="replicated"))
+    rt = Runtime(failover_settings(tmp_path, cluster.url, task_durability="replicated"))
     try:
         ids = [rt.tasks.submit("stamp", {"seconds": 0})["id"] for _ in range(20)]
         master = cluster.owner(_slot(rt.keys.task_queue("default")))
@@ -177,7 +169,7 @@ async def test_script_flush_on_every_node(
     """SCRIPT FLUSH on every node (what a failover to a replica that never loaded our scripts
     looks like): the next EVALSHA of each script gets NOSCRIPT, which the clients answer by
     loading it again. Model status, locks, tasks and the response cache keep working."""
-    settings = _settings(tmp_path, cluster.url)
+    settings = failover_settings(tmp_path, cluster.url)
     make_model(settings.models_path, "org/a")
     rt = Runtime(settings)
     try:
@@ -217,11 +209,10 @@ async def test_slots_moved_under_traffic(
     time (the ASK phase, multi-key scripts meeting TRYAGAIN), then for good (MOVED). Nothing
     fails, nothing is lost, every task ends once, the moved answer is still a hit. As the
     documented least-privilege ACL user (ASKING and all): nothing refused on any node."""
-    settings = _settings(tmp_path, _acl_user(cluster))
+    settings = failover_settings(tmp_path, _acl_user(cluster))
     make_model(settings.models_path, "org/a")
     submitter, worker_rt = Runtime(settings), Runtime(settings, role="worker")
-    worker = worker_rt.worker(concurrency=2)
-    worker_thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    workers = contextlib.ExitStack()  # the worker thread, from when traffic runs
     keys = Keys(settings.namespace)
     prompts = [f"hello {i}" for i in range(6)]
     answers: list[tuple[str, int, str]] = []
@@ -263,7 +254,7 @@ async def test_slots_moved_under_traffic(
 
             producer = threading.Thread(target=submit_and_read)
             traffic_task = asyncio.create_task(traffic())
-            worker_thread.start()
+            workers.enter_context(running_worker(worker_rt))
             producer.start()
             await asyncio.sleep(0.3)
             moved = {}
@@ -283,20 +274,11 @@ async def test_slots_moved_under_traffic(
             def all_done() -> bool:
                 return all(submitter.tasks.get(t)["state"] in TERMINAL for t in tasks)
 
-            await asyncio.to_thread(_until, all_done, 60.0)
-            for t in tasks:
-                assert submitter.tasks.get(t)["state"] == "succeeded", t
-                ends = [
-                    e
-                    for e in submitter.task_store.log_entries(t)
-                    if e.kind == "state" and e.data.get("state") in TERMINAL
-                ]
-                assert len(ends) == 1, (t, ends)
+            await asyncio.to_thread(until, all_done, 60.0)
+            assert_each_ended_once(submitter, tasks)  # once or more, ended once
             assert [(await _ask(client, p))[1] for p in prompts] == ["hit"] * len(prompts)
     finally:
-        worker.stop(hand_back=False)
-        if worker_thread.is_alive():
-            worker_thread.join(timeout=15)
+        workers.close()
         for rt in (submitter, worker_rt):
             rt.close()
     assert all(status == 200 for _, status, _ in answers)
@@ -319,10 +301,9 @@ async def test_master_failover_measured(
     gone), the replica is promoted, hits and claims come back, every task ends once."""
     caplog.set_level(logging.WARNING)
     sentinel_fixtures.RUNS.clear()  # runs of earlier tests in this process
-    settings = _settings(tmp_path, cluster.url, task_durability="replicated")
+    settings = failover_settings(tmp_path, cluster.url, task_durability="replicated")
     submitter, worker_rt = Runtime(settings), Runtime(settings, role="worker")
-    worker = worker_rt.worker(concurrency=2)
-    worker_thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    workers = contextlib.ExitStack()  # the worker thread, from when traffic runs
     tasks_slot = _slot(Keys(settings.namespace).task_queue("default"))
     answers: list[tuple[float, str, int, str]] = []
     prompts = [f"hello {i}" for i in range(12)]  # their entries on all three masters
@@ -345,39 +326,23 @@ async def test_master_failover_measured(
                     await asyncio.sleep(0.01)
 
             traffic_task = asyncio.create_task(traffic())
-            worker_thread.start()
+            workers.enter_context(running_worker(worker_rt))
             await asyncio.sleep(0.6)
             old = cluster.kill_master(tasks_slot)
             killed = time.monotonic()
             promoted = await asyncio.to_thread(cluster.wait_promoted, tasks_slot, old)
 
-            def all_done() -> bool:
-                return all(submitter.tasks.get(t)["state"] in TERMINAL for t in tasks)
-
-            await asyncio.to_thread(_until, all_done, 60.0)
-            await asyncio.to_thread(cluster.restart, old)  # it rejoins as a replica
-            after = [submitter.tasks.submit("stamp", {"seconds": 0.0})["id"] for _ in range(5)]
+            # all ended; the old master back as a replica; 5 more tasks on the healed set-up
             await asyncio.to_thread(
-                _until,
-                lambda: all(submitter.tasks.get(t)["state"] == "succeeded" for t in after),
-                20.0,
+                settle_then_heal, submitter, tasks, lambda: cluster.restart(old)
             )
             await asyncio.sleep(0.5)  # traffic on the healed cluster
             stop.set()
             await traffic_task
 
-            for t in tasks:  # each ran to one end, once or (an acknowledgement lost) more
-                assert submitter.tasks.get(t)["state"] == "succeeded", t
-                ends = [
-                    e
-                    for e in submitter.task_store.log_entries(t)
-                    if e.kind == "state" and e.data.get("state") in TERMINAL
-                ]
-                assert len(ends) == 1, (t, ends)
+            assert_each_ended_once(submitter, tasks)  # once or more, ended once
     finally:
-        worker.stop(hand_back=False)
-        if worker_thread.is_alive():
-            worker_thread.join(timeout=15)
+        workers.close()
         for rt in (submitter, worker_rt):
             rt.close()
 
@@ -388,29 +353,14 @@ async def test_master_failover_measured(
     hits_again = max(
         min(t for t, q, _, c in answers if q == p and t > promoted and c == "hit") for p in prompts
     )
-    claims = [t for _, t in sentinel_fixtures.RUNS if t > killed]
-    claim_again = min(t for t in claims if t > promoted - 0.05) if claims else float("inf")
-    ran = {tid for tid, _ in sentinel_fixtures.RUNS}
-    assert set(tasks) <= ran
-    readonly = [r.getMessage() for r in caplog.records if "READONLY" in r.getMessage()]
-    assert not readonly
+    runs = len(sentinel_fixtures.RUNS)
+    claim_again = claimed_again(tasks, promoted - 0.05, caplog.records)
     report = (
         f"cluster failover: replica promoted {promoted - killed:.2f}s after SIGKILL; hits again "
         f"+{hits_again - promoted:.2f}s, workers claim again +{claim_again - promoted:.2f}s; "
         f"{len(answers)} answers ({during.count('bypass')} uncached during), "
-        f"{len(sentinel_fixtures.RUNS)} runs of {len(tasks) + 5} tasks"
+        f"{runs} runs of {len(tasks) + 5} tasks"
     )
     print(report)
-    sentinel_fixtures.RUNS.clear()
     assert hits_again - promoted <= BOUND, report
     assert claim_again - promoted <= BOUND, report
-
-
-def _until(predicate: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if predicate():
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s")

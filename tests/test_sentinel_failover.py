@@ -8,27 +8,29 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests import sentinel_fixtures
-from tests.sentinel_fixtures import SentinelGroup
+from tests.sentinel_fixtures import (
+    SentinelGroup,
+    assert_each_ended_once,
+    claimed_again,
+    failover_settings,
+    running_worker,
+    settle_then_heal,
+)
 from tests.test_cli import assert_one_line_error, run
 from yichui.api.app import create_app
-from yichui.config import Settings, load_settings
 from yichui.errors import RedisSetupError
 from yichui.runtime import Runtime
 from yichui.state.connection import connect
 from yichui.state.keys import Keys
-from yichui.state.task_store import TERMINAL
 
-EXTENSIONS = ["tests.extensions.echo_engine", "tests.sentinel_fixtures"]
 BOUND = 3.0
 """Seconds from +switch-master to hits again and to claims again that the test accepts (the
 target is 1 s; a noisy 2-core machine gets slack)."""
@@ -39,19 +41,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("YICHUI_"):
             monkeypatch.delenv(key)
-
-
-def _settings(tmp_path: Path, url: str, **extra: Any) -> Settings:
-    return load_settings(
-        data_dir=tmp_path / "data",
-        redis_url=url,
-        extensions=EXTENSIONS,
-        cache_near_ttl=0,  # every hit from Redis: what is measured is Redis coming back
-        task_lease=3.0,
-        task_heartbeat=0.5,
-        task_backoff=0.1,
-        **extra,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +70,10 @@ async def test_failover_measured(
     ha = SentinelGroup(tmp_path / "ha", password="masterpw", sentinel_password="sentinelpw")
     ha.start()
     switches = ha.listen()
-    settings = _settings(tmp_path, ha.url(db=3), task_durability="replicated")
+    settings = failover_settings(tmp_path, ha.url(db=3), task_durability="replicated")
     submitter, api_rt = Runtime(settings), Runtime(settings, role="api")
     worker_rt = Runtime(settings, role="worker")
-    worker = worker_rt.worker(concurrency=2)
-    worker_thread = threading.Thread(target=worker.run, kwargs={"install_signals": False})
+    workers = contextlib.ExitStack()  # the worker thread, from when traffic runs
     app = create_app(settings, runtime=api_rt)
     answers: list[tuple[float, int, str]] = []
     prompts = [f"hello {i}" for i in range(4)]
@@ -126,40 +114,26 @@ async def test_failover_measured(
                     await asyncio.sleep(0.02)
 
             traffic_task = asyncio.create_task(traffic())
-            worker_thread.start()
+            workers.enter_context(running_worker(worker_rt))
             await asyncio.sleep(0.6)
             ha.kill_master()
             killed = time.monotonic()
             switched = await asyncio.to_thread(switches.wait, 20.0)
 
-            def all_done() -> bool:
-                return all(submitter.tasks.get(t)["state"] in TERMINAL for t in tasks)
-
-            await asyncio.to_thread(_until, all_done, 60.0)
-            await asyncio.to_thread(ha.restart_old_master, as_replica=rejoin == "replicaof")
-            after = [submitter.tasks.submit("stamp", {"seconds": 0.0})["id"] for _ in range(5)]
+            # all ended; the old master back as a replica; 5 more tasks on the healed set-up
             await asyncio.to_thread(
-                _until,
-                lambda: all(submitter.tasks.get(t)["state"] == "succeeded" for t in after),
-                20.0,
+                settle_then_heal,
+                submitter,
+                tasks,
+                lambda: ha.restart_old_master(as_replica=rejoin == "replicaof"),
             )
             await asyncio.sleep(0.5)  # traffic on the recovered pair
             stop.set()
             await traffic_task
 
-            # every task ran to one end, once or (an acknowledgement lost) more
-            for t in tasks:
-                assert submitter.tasks.get(t)["state"] == "succeeded", t
-                ends = [
-                    e
-                    for e in submitter.task_store.log_entries(t)
-                    if e.kind == "state" and e.data.get("state") in TERMINAL
-                ]
-                assert len(ends) == 1, (t, ends)
+            assert_each_ended_once(submitter, tasks)  # once or more, ended once
     finally:
-        worker.stop(hand_back=False)
-        if worker_thread.is_alive():
-            worker_thread.join(timeout=15)
+        workers.close()
         switches.stop()
         for rt in (submitter, api_rt, worker_rt):
             rt.close()
@@ -169,32 +143,17 @@ async def test_failover_measured(
     during = [c for t, _, c in answers if killed < t < switched]
     assert "bypass" in during  # uncached while there was no master
     hits_again = min(t for t, _, c in answers if t > switched and c == "hit")
-    claims = [t for _, t in sentinel_fixtures.RUNS if t > killed]
-    claim_again = min(claims)
-    ran = {tid for tid, t in sentinel_fixtures.RUNS}
-    assert set(tasks) <= ran
-    readonly = [r.getMessage() for r in caplog.records if "READONLY" in r.getMessage()]
-    assert not readonly
+    runs = len(sentinel_fixtures.RUNS)
+    claim_again = claimed_again(tasks, killed, caplog.records)
     report = (
         f"failover (rejoin {rejoin}): +switch-master {switched - killed:.2f}s after SIGKILL; "
         f"hits again +{hits_again - switched:.2f}s, workers claim again "
         f"+{claim_again - switched:.2f}s; {len(answers)} answers, "
-        f"{len(sentinel_fixtures.RUNS)} runs of {len(tasks) + 5} tasks"
+        f"{runs} runs of {len(tasks) + 5} tasks"
     )
     print(report)
-    sentinel_fixtures.RUNS.clear()
     assert hits_again - switched <= BOUND, report
     assert claim_again - switched <= BOUND, report
-
-
-def _until(predicate: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if predicate():
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s")
 
 
 # -- durability ------------------------------------------------------------------------------
@@ -205,7 +164,7 @@ def test_replicated_enqueue_waits(group: SentinelGroup, tmp_path: Path, clean_en
     Prints what that costs per enqueue."""
     costs = {}
     for durability in ("none", "replicated"):
-        rt = Runtime(_settings(tmp_path, group.url(db=4), task_durability=durability))
+        rt = Runtime(failover_settings(tmp_path, group.url(db=4), task_durability=durability))
         try:
             ids = []
             started = time.perf_counter()
@@ -225,7 +184,7 @@ def test_replicated_enqueue_waits(group: SentinelGroup, tmp_path: Path, clean_en
 
 
 def test_fsync_refused_before_7_2(group: SentinelGroup, tmp_path: Path, clean_env: None) -> None:
-    rt = Runtime(_settings(tmp_path, group.url(db=5), task_durability="fsync"))
+    rt = Runtime(failover_settings(tmp_path, group.url(db=5), task_durability="fsync"))
     try:
         version = str(rt.redis()[0].info("server")["redis_version"])
         if tuple(int(p) for p in version.split(".")[:2]) >= (7, 2):
@@ -243,7 +202,7 @@ def test_fsync_refused_before_7_2(group: SentinelGroup, tmp_path: Path, clean_en
 def test_not_enough_replicas(group: SentinelGroup, tmp_path: Path, clean_env: None) -> None:
     from yichui.errors import NotDurableError
 
-    settings = _settings(
+    settings = failover_settings(
         tmp_path,
         group.url(db=6),
         task_durability="replicated",
@@ -263,7 +222,7 @@ def test_not_enough_replicas(group: SentinelGroup, tmp_path: Path, clean_env: No
 
 
 def test_sentinel_password(group: SentinelGroup, tmp_path: Path, clean_env: None) -> None:
-    client, _ = connect(_settings(tmp_path, group.url(db=7)))
+    client, _ = connect(failover_settings(tmp_path, group.url(db=7)))
     try:
         client.set("ha:pw", "yes")
         assert client.get("ha:pw") == b"yes"
@@ -284,14 +243,14 @@ def test_a_sentinel_password_refused_is_a_setting_said_at_once(
     bad = group.url(db=0).replace("?sentinel_password=sentinelpw", query)
     started = time.monotonic()
     with pytest.raises(RedisSetupError) as info:
-        connect(_settings(tmp_path, bad))
+        connect(failover_settings(tmp_path, bad))
     took = time.monotonic() - started
     message = str(info.value)
     assert reason in message and "\n" not in message and info.value.exit_code == 2, message
     assert info.value.hint and "?sentinel_password=" in info.value.hint
     assert "sentinelpw" not in message and "masterpw" not in message and "wrong-pw" not in message
     assert took < 2.0, took  # one try each Sentinel, not the client's retries with backoff
-    proc = run(_settings(tmp_path, bad), "tasks", "list")
+    proc = run(failover_settings(tmp_path, bad), "tasks", "list")
     assert_one_line_error(proc, 2, reason)
     assert "wrong-pw" not in proc.stderr + proc.stdout
 
@@ -299,7 +258,7 @@ def test_a_sentinel_password_refused_is_a_setting_said_at_once(
 def test_unknown_master_name(group: SentinelGroup, tmp_path: Path, clean_env: None) -> None:
     bad = group.url(db=0).replace("/yc-ha/", "/no-such-master/")
     with pytest.raises(RedisSetupError) as info:
-        connect(_settings(tmp_path, bad))
+        connect(failover_settings(tmp_path, bad))
     message = str(info.value)
     assert "'no-such-master'" in message and "yc-ha" in message and "\n" not in message
     assert info.value.exit_code == 2
