@@ -36,6 +36,7 @@ from yichui.errors import RedisFullError, RedisSetupError
 from yichui.inference.cache import CacheStatus, ResponseCache
 from yichui.runtime import Runtime
 from yichui.state.connection import make_async_client
+from yichui.state.keys import Keys
 from yichui.state.response_store import ResponseStore
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
@@ -309,6 +310,29 @@ def test_a_user_without_a_needed_command_is_told_which(
     assert "lacks a permission" in str(info.value) and "info" in str(info.value).lower()
     assert info.value.exit_code == 2
     _no_secret(str(info.value), str(info.value.hint))
+
+
+async def test_a_cache_refused_by_the_acl_says_so_once(
+    secure: SecureRedis, certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A command the cache's user may not run is no passing fault: it is logged as a warning
+    naming it and the fix, once, while every request goes on uncached."""
+    rules = [r for r in YICHUI_ACL if r != "+get"]
+    with secure.admin() as admin:
+        admin.execute_command("ACL", "SETUSER", "no-get", "reset", *rules)
+    settings = _settings(tmp_path, secure, certs, redis_url=secure.url(user="no-get"))
+    client = make_async_client(Runtime(settings).cache_target(), settings)
+    cache = ResponseCache(ResponseStore(client, Keys(NAMESPACE)), ttl_for=lambda m: 60, timeout=1.0)
+    caplog.set_level(logging.DEBUG, logger="yichui.cache")
+    try:
+        for _ in range(2):
+            assert await cache.lookup("m", "k") == (None, False)  # uncached, not an error
+            cache.breaker.success()  # ask Redis again, not the open breaker
+    finally:
+        await client.aclose()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "'get'" in warned[0] and "docs/deployment.md" in warned[0]
+    _no_secret(*warned)
 
 
 # -- eviction ------------------------------------------------------------------------------------

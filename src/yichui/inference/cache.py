@@ -47,7 +47,7 @@ from yichui.inference.breaker import Breaker
 from yichui.inference.near import NearCache
 from yichui.metrics import OTHER, RESULTS, CacheEvent, CacheResult, Metrics
 from yichui.state.codec import dumps, loads
-from yichui.state.connection import REDIS_ERRORS
+from yichui.state.connection import REDIS_ERRORS, is_denied
 from yichui.state.response_store import ANSWERED, LiveEntry, ResponseStore
 
 log = logging.getLogger("yichui.cache")
@@ -96,6 +96,7 @@ class ResponseCache:
         self.lease_ms = int(lease * 1000)
         self.wait = wait
         self.breaker = breaker or Breaker()
+        self._denied: set[str] = set()  # ACL refusals already logged
         self.counts: Counter[str] = Counter()
         """This process's counts (the labelled ones are in ``metrics``)."""
         self.metrics.watch_cache(self.breaker, self.near)
@@ -161,7 +162,12 @@ class ResponseCache:
         except _FAULTS as exc:
             self.count("faults", endpoint, model)
             self.breaker.failure()
-            log.debug("response cache fault: %r", exc)
+            if is_denied(exc) and str(exc) not in self._denied:  # a setting: said once
+                self._denied.add(str(exc))
+                log.warning("response cache: Redis refused a command (%s); grant the user "
+                            "the ACL of docs/deployment.md", exc)  # fmt: skip
+            else:
+                log.debug("response cache fault: %r", exc)
             return False, None
         self.breaker.success()
         return True, result

@@ -368,6 +368,11 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM ")
 
 
+def is_denied(exc: BaseException) -> bool:
+    """Whether the ACL refused a command (``NOPERM``): a setting, which no retry mends."""
+    return isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc)[:16]
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
