@@ -14,7 +14,7 @@ from tests.images import encode, image_part, picture, png, with_pixel
 from tests.redis_proc import RedisProcess, free_port
 from yichui.config import Settings, load_settings
 from yichui.errors import CoalescedError
-from yichui.inference.cache import Breaker, CacheStatus, ResponseCache
+from yichui.inference.cache import Breaker, ResponseCache
 from yichui.inference.cache_key import KEY_VERSION, cache_key, is_deterministic, key_document
 from yichui.inference.engine import (
     EngineRequest,
@@ -22,6 +22,7 @@ from yichui.inference.engine import (
     ImageDetail,
     Message,
 )
+from yichui.inference.session import CacheStatus
 from yichui.state.connection import make_async_client, parse_redis_url
 from yichui.state.keys import Keys
 from yichui.state.response_store import ResponseStore

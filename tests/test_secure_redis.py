@@ -33,7 +33,8 @@ from tests.test_cli import assert_one_line_error, run
 from yichui.access import Principal
 from yichui.config import Settings, load_settings
 from yichui.errors import RedisFullError, RedisSetupError
-from yichui.inference.cache import CacheStatus, ResponseCache
+from yichui.inference.cache import ResponseCache
+from yichui.inference.session import CacheStatus
 from yichui.runtime import Runtime
 from yichui.state.connection import make_async_client
 from yichui.state.keys import Keys

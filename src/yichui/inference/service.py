@@ -39,13 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from yichui.errors import CoalescedError, ImagesNotAcceptedError, RequestError, describe_error
-from yichui.inference.cache import (
-    INTERRUPTED,
-    CacheSession,
-    CacheStatus,
-    ResponseCache,
-    stream_lost,
-)
+from yichui.inference.cache import ResponseCache
 from yichui.inference.cache_key import cache_key, is_deterministic
 from yichui.inference.engine import (
     BoundEngine,
@@ -57,6 +51,7 @@ from yichui.inference.engine import (
 )
 from yichui.inference.relay import Relayed, piece_of, pieces
 from yichui.inference.router import ModelRouter
+from yichui.inference.session import INTERRUPTED, CacheSession, CacheStatus, stream_lost
 from yichui.metrics import OTHER, Metrics
 
 log = logging.getLogger("yichui.inference")
