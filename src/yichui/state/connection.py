@@ -45,6 +45,7 @@ from yichui.errors import (
 )
 from yichui.state.cluster import ReshardingCluster
 from yichui.state.sentinel import auth_refusal, check_master
+from yichui.state.tls import tls_kwargs
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -187,19 +188,6 @@ def _common_kwargs(settings: Settings) -> dict[str, Any]:
         "health_check_interval": settings.redis_health_check_interval,
         "client_name": "yichui",
     }
-
-
-def tls_kwargs(settings: Settings) -> dict[str, Any]:
-    """redis-py's ``ssl_*`` arguments from the ``redis_ssl_*`` settings (those set): for a
-    ``rediss`` target only. A standalone URL's own ``?ssl_ca_certs=…`` options win over them."""
-    out: dict[str, Any] = {"ssl_cert_reqs": settings.redis_ssl_cert_reqs}
-    for name in ("ca_certs", "certfile", "keyfile"):
-        value = getattr(settings, f"redis_ssl_{name}")
-        if value is not None:
-            out[f"ssl_{name}"] = str(value)
-    if settings.redis_ssl_cert_reqs == "none":
-        out["ssl_check_hostname"] = False
-    return out
 
 
 def _backoff() -> ExponentialWithJitterBackoff:

@@ -31,6 +31,7 @@ from redis.retry import Retry
 
 from yichui.backoff import Backoff
 from yichui.errors import RedisSetupError
+from yichui.state.tls import tls_kwargs
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -63,6 +64,9 @@ def _sentinel_kwargs(target: RedisTarget, settings: Settings) -> dict[str, Any]:
     return {
         "password": target.options.get("sentinel_password"),
         "ssl": target.tls,
+        # the CA and client certificate too: a rediss+sentinel:// target's Sentinels speak
+        # TLS as its master does (ssl=True alone failed the handshake or the certificate check)
+        **(tls_kwargs(settings) if target.tls else {}),
         "socket_connect_timeout": settings.redis_connect_timeout,
         "socket_timeout": settings.redis_socket_timeout,
         "client_name": "yichui-sentinel-watch",
