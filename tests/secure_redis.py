@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from tests.redis_proc import RedisProcess, end_process, free_port, wait_until
+from tests.tls_certs import Certs as Certs
+from tests.tls_certs import make_certs as make_certs  # re-exported: the tests import it here
+from tests.tls_certs import tls_args, tls_client_kwargs
 from yichui.state.embedded import find_redis_server
 
 ADMIN_PASSWORD = "adm1n-Secret-9f3"
@@ -149,46 +151,6 @@ def acl_users(namespace: str) -> list[str]:
     ]
 
 
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path
-    """A CA that signed nothing here: the wrong one."""
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def make_certs(folder: Path) -> Certs:
-    """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate."""
-    folder.mkdir(parents=True, exist_ok=True)
-    f = {n: str(folder / n) for n in ("ca.key", "ca.crt", "other.key", "other.crt", "ext.cnf")}
-    for key, crt, cn in (("ca.key", "ca.crt", "yichui test CA"), ("other.key", "other.crt", "x")):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                 f"/CN={cn}", "-keyout", f[key], "-out", f[crt])  # fmt: skip
-    Path(f["ext.cnf"]).write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
-    for name in ("server", "client"):
-        key, csr, crt = (str(folder / f"{name}.{e}") for e in ("key", "csr", "crt"))
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", key,
-                 "-out", csr)  # fmt: skip
-        _openssl("x509", "-req", "-in", csr, "-CA", f["ca.crt"], "-CAkey", f["ca.key"],
-                 "-CAcreateserial", "-days", "2", "-extfile", f["ext.cnf"],
-                 "-out", crt)  # fmt: skip
-    return Certs(
-        ca=folder / "ca.crt",
-        server_cert=folder / "server.crt",
-        server_key=folder / "server.key",
-        client_cert=folder / "client.crt",
-        client_key=folder / "client.key",
-        other_ca=folder / "other.crt",
-    )
-
-
 class SecureRedis:
     """A redis-server whose default user is off: ``admin`` may do anything, ``yichui`` has
     :data:`YICHUI_ACL`. With ``tls``, it listens on TLS only and asks for client certificates."""
@@ -213,10 +175,7 @@ class SecureRedis:
         if self.acl:
             args += acl_users(NAMESPACE)
         if self.tls:
-            t = self.tls
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
-                     str(t.server_cert), "--tls-key-file", str(t.server_key),
-                     "--tls-ca-cert-file", str(t.ca), "--tls-auth-clients", "yes"]  # fmt: skip
+            args += tls_args(self.tls, self.port)
         else:
             args += ["--port", str(self.port)]
         self.proc = subprocess.Popen(
@@ -227,14 +186,10 @@ class SecureRedis:
 
     def admin(self) -> redis.Redis:
         """A client that may do anything (to set the server up, or look at it)."""
-        kwargs: dict[str, object] = {}
-        if self.tls:
-            kwargs = {"ssl": True, "ssl_ca_certs": str(self.tls.ca),
-                      "ssl_certfile": str(self.tls.client_cert),
-                      "ssl_keyfile": str(self.tls.client_key)}  # fmt: skip
+        kwargs = tls_client_kwargs(self.tls)
         if self.acl:
             kwargs.update(username="admin", password=ADMIN_PASSWORD)
-        return redis.Redis(port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis(port=self.port, socket_timeout=5, **kwargs)
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

@@ -8,6 +8,7 @@
     switches.wait()                   # time.monotonic() of the first +switch-master seen
     ha.restart_old_master()           # it comes back and the Sentinels make it a replica
     ha.stop()
+    SentinelGroup(tmp_path, tls=certs)    # all five TLS only (tests/tls_certs.py): rediss+…
 
 Also a ``stamp`` task type (this module is an ``extensions`` entry): it sleeps ``seconds`` and
 records when each run started, in this process (:data:`RUNS`), so a test can tell when workers
@@ -40,6 +41,7 @@ from tests.redis_proc import (
     SentinelProcess,
     wait_until,
 )
+from tests.tls_certs import Certs
 from yichui.config import Settings, load_settings
 from yichui.state.task_store import TERMINAL
 from yichui.tasks.context import TaskContext
@@ -65,11 +67,13 @@ class SentinelGroup:
         master_name: str = "yc-ha",
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls: Certs | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.master_name = master_name
         self.password = password
         self.sentinel_password = sentinel_password
+        self.tls = tls
         self.servers = [self._server("a"), self._server("b")]
         self.sentinels = [
             SentinelProcess(
@@ -81,6 +85,7 @@ class SentinelGroup:
                 quorum=2,
                 down_after_ms=DOWN_AFTER_MS,
                 failover_timeout_ms=FAILOVER_TIMEOUT_MS,
+                tls=tls,
             )
             for i in range(3)
         ]
@@ -88,8 +93,8 @@ class SentinelGroup:
 
     def _server(self, name: str) -> RedisProcess:
         if self.password:
-            return PasswordRedisProcess(self.workdir / name, self.password)
-        return RedisProcess(self.workdir / name)
+            return PasswordRedisProcess(self.workdir / name, self.password, tls=self.tls)
+        return RedisProcess(self.workdir / name, tls=self.tls)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, timeout: float = 20.0) -> SentinelGroup:
@@ -126,7 +131,8 @@ class SentinelGroup:
         auth = f":{self.password}@" if self.password else ""
         nodes = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
-        return f"redis+sentinel://{auth}{nodes}/{self.master_name}/{db}{query}"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{auth}{nodes}/{self.master_name}/{db}{query}"
 
     def master_port(self) -> int:
         """The master's port as the first Sentinel that answers sees it."""
