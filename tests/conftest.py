@@ -143,6 +143,14 @@ def acl_log_stays_empty(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No YICHUI_* variable of the developer's shell reaches the test's settings."""
+    for key in list(os.environ):
+        if key.startswith("YICHUI_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
 def settings(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
     for key in list(os.environ):
         if key.startswith("YICHUI_"):

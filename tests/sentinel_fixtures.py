@@ -15,6 +15,7 @@ records when each run started, in this process (:data:`RUNS`), so a test can tel
 claimed again after a failover; and what the failover tests (Sentinel and Cluster) share::
 
     settings = failover_settings(tmp_path, url)   # the echo engine, stamp, short leases
+    async with api_client(settings) as (client, api_rt): await ask(client, "hi")
     with running_worker(rt) as worker: ...     # a worker thread, stopped and joined after
     until(lambda: ..., 60.0)                   # poll a predicate (errors count as False)
     assert_each_ended_once(rt, task_ids)       # succeeded, with exactly one final state
@@ -28,10 +29,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import redis
 from pydantic import Field
 
@@ -347,3 +349,32 @@ def failover_settings(tmp_path: Path, url: str, **extra: Any) -> Settings:
         task_backoff=0.1,
         **extra,
     )
+
+
+@contextlib.asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
+    """The API app on ``settings`` in this process, its lifespan around a client of it:
+    -> (the client, the API's runtime)."""
+    from yichui.api.app import create_app  # not at import: yichui loads this module itself
+    from yichui.runtime import Runtime
+
+    rt = Runtime(settings, role="api")
+    app = create_app(settings, runtime=rt)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test"
+            ) as client,
+        ):
+            yield client, rt
+    finally:
+        rt.close()
+
+
+async def ask(client: httpx.AsyncClient, prompt: str) -> tuple[int, str]:
+    """A deterministic chat request to the echo engine: -> (status, ``x-yichui-cache``)."""
+    body = {"model": "echo/shout", "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0}  # fmt: skip
+    r = await client.post("/v1/chat/completions", json=body)
+    return r.status_code, r.headers.get("x-yichui-cache", "")

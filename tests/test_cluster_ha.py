@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
@@ -22,6 +20,8 @@ from tests.helpers import make_model
 from tests.redis_proc import ClusterProcesses, RedisProcess
 from tests.secure_redis import YICHUI_PASSWORD, yichui_acl
 from tests.sentinel_fixtures import (
+    api_client,
+    ask,
     assert_each_ended_once,
     claimed_again,
     failover_settings,
@@ -30,8 +30,7 @@ from tests.sentinel_fixtures import (
     until,
 )
 from tests.test_cli import assert_one_line_error, run
-from yichui.api.app import create_app
-from yichui.config import Settings, load_settings
+from yichui.config import load_settings
 from yichui.runtime import Runtime
 from yichui.state.keys import Keys
 from yichui.state.task_store import TERMINAL
@@ -95,13 +94,6 @@ BOUND = 3.0
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("YICHUI_"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[ClusterProcesses]:
     """3 masters and a replica each, a node silent for 1 s is failed over."""
     nodes = ClusterProcesses(tmp_path / "cluster", replicas=1, node_timeout_ms=1000).start()
@@ -109,30 +101,6 @@ def cluster(tmp_path: Path) -> Iterator[ClusterProcesses]:
         yield nodes
     finally:
         nodes.stop()
-
-
-@contextlib.asynccontextmanager
-async def _api(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
-    """The API app in this process, its lifespan around a client of it."""
-    rt = Runtime(settings, role="api")
-    app = create_app(settings, runtime=rt)
-    try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://test"
-            ) as client,
-        ):
-            yield client, rt
-    finally:
-        rt.close()
-
-
-async def _ask(client: httpx.AsyncClient, prompt: str) -> tuple[int, str]:
-    body = {"model": "echo/shout", "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0}  # fmt: skip
-    r = await client.post("/v1/chat/completions", json=body)
-    return r.status_code, r.headers.get("x-yichui-cache", "")
 
 
 def _slot(key: str) -> int:
@@ -173,7 +141,7 @@ async def test_script_flush_on_every_node(
     make_model(settings.models_path, "org/a")
     rt = Runtime(settings)
     try:
-        async with _api(settings) as (client, _):
+        async with api_client(settings) as (client, _):
 
             async def one_round(n: int) -> None:
                 listing = rt.registry.rescan()  # the index scripts
@@ -184,8 +152,8 @@ async def test_script_flush_on_every_node(
                 rt.worker(burst=True).run()
                 assert [rt.tasks.get(t)["state"] for t in ids] == ["succeeded"] * 3
                 prompt = f"round {n}"
-                assert await _ask(client, prompt) == (200, "miss")
-                assert await _ask(client, prompt) == (200, "hit")
+                assert await ask(client, prompt) == (200, "miss")
+                assert await ask(client, prompt) == (200, "hit")
 
             await one_round(0)
             enqueue = rt.task_store._scripts["ENQUEUE"].sha
@@ -219,9 +187,9 @@ async def test_slots_moved_under_traffic(
     tasks: list[str] = []
     errors: list[BaseException] = []
     try:
-        async with _api(settings) as (client, _):
+        async with api_client(settings) as (client, _):
             for p in prompts:
-                assert (await _ask(client, p))[0] == 200
+                assert (await ask(client, p))[0] == 200
             assert submitter.registry.status("org/a").status.exists
             with cluster.client() as c:
                 cached = next(iter(c.scan_iter(match=keys.response_pattern(), count=1000)))
@@ -247,7 +215,7 @@ async def test_slots_moved_under_traffic(
                 i = 0
                 while not stop.is_set():
                     prompt = prompts[i % len(prompts)]
-                    status, cache = await _ask(client, prompt)
+                    status, cache = await ask(client, prompt)
                     answers.append((prompt, status, cache))
                     i += 1
                     await asyncio.sleep(0.005)
@@ -276,7 +244,7 @@ async def test_slots_moved_under_traffic(
 
             await asyncio.to_thread(until, all_done, 60.0)
             assert_each_ended_once(submitter, tasks)  # once or more, ended once
-            assert [(await _ask(client, p))[1] for p in prompts] == ["hit"] * len(prompts)
+            assert [(await ask(client, p))[1] for p in prompts] == ["hit"] * len(prompts)
     finally:
         workers.close()
         for rt in (submitter, worker_rt):
@@ -308,10 +276,10 @@ async def test_master_failover_measured(
     answers: list[tuple[float, str, int, str]] = []
     prompts = [f"hello {i}" for i in range(12)]  # their entries on all three masters
     try:
-        async with _api(settings) as (client, _):
+        async with api_client(settings) as (client, _):
             for p in prompts:
-                assert (await _ask(client, p))[0] == 200
-            assert [(await _ask(client, p))[1] for p in prompts] == ["hit"] * len(prompts)
+                assert (await ask(client, p))[0] == 200
+            assert [(await ask(client, p))[1] for p in prompts] == ["hit"] * len(prompts)
             # each one in the replica too (task_durability = "replicated": WAIT on the master)
             tasks = [submitter.tasks.submit("stamp", {"seconds": 0.15})["id"] for _ in range(30)]
             stop = asyncio.Event()
@@ -320,7 +288,7 @@ async def test_master_failover_measured(
                 i = 0
                 while not stop.is_set():
                     prompt = prompts[i % len(prompts)]
-                    status, cache = await _ask(client, prompt)
+                    status, cache = await ask(client, prompt)
                     answers.append((time.monotonic(), prompt, status, cache))
                     i += 1
                     await asyncio.sleep(0.01)

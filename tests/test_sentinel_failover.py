@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +33,6 @@ from yichui.state.keys import Keys
 BOUND = 3.0
 """Seconds from +switch-master to hits again and to claims again that the test accepts (the
 target is 1 s; a noisy 2-core machine gets slack)."""
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("YICHUI_"):
-            monkeypatch.delenv(key)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import pytest
 
 from tests.helpers import make_model
 from tests.redis_proc import ClusterProcesses, wait_until
-from tests.sentinel_fixtures import SentinelGroup, failover_settings, until
+from tests.sentinel_fixtures import SentinelGroup, api_client, ask, failover_settings, until
 from tests.test_cli import assert_one_line_error, run
-from tests.test_cluster_ha import _api, _ask, clean_env  # noqa: F401 (clean_env: a fixture)
 from tests.tls_certs import Certs, make_certs, tls_directives
 from yichui.config import Settings
 from yichui.errors import RedisSetupError
@@ -71,8 +70,8 @@ async def _round(rt: Runtime, client: httpx.AsyncClient, prompt: str) -> None:
     ids = [rt.tasks.submit("stamp", {"seconds": 0})["id"] for _ in range(3)]
     await asyncio.to_thread(rt.worker(burst=True).run)
     assert [rt.tasks.get(t)["state"] for t in ids] == ["succeeded"] * 3
-    assert await _ask(client, prompt) == (200, "miss")
-    assert await _ask(client, prompt) == (200, "hit")
+    assert await ask(client, prompt) == (200, "miss")
+    assert await ask(client, prompt) == (200, "hit")
 
 
 def _watchers(group: SentinelGroup) -> list[int]:
@@ -106,7 +105,7 @@ async def test_sentinel_over_tls(group: SentinelGroup, certs: Certs, tmp_path: P
     rt = Runtime(settings)
     try:
         assert rt.redis()[1].tls
-        async with _api(settings) as (client, _):
+        async with api_client(settings) as (client, _):
             await _round(rt, client, "over tls")
             # the API's AsyncSentinelWatch (on this loop: polled from a thread)
             await asyncio.to_thread(until, lambda: min(_watchers(group)) >= 1, 10.0)
@@ -141,7 +140,8 @@ def test_a_wrong_ca_on_a_sentinel_url_is_one_line(
     env = _env(settings, YICHUI_REDIS_SSL_CA_CERTS=str(certs.other_ca))
     proc = run(settings, "tasks", "list", redis_url=group.url(), **env)
     assert_one_line_error(proc, 2, "the server's TLS certificate is not trusted")
-    assert "redis_ssl_ca_certs" in proc.stderr
+    assert "redis_ssl_ca_certs" in proc.stderr and "(the Sentinel at 127.0.0.1:" in proc.stderr
+    assert len(proc.stderr) < 600, proc.stderr  # the reason, not redis-py's connection dump
     assert "masterpw" not in proc.stderr + proc.stdout
     assert "sentinelpw" not in proc.stderr + proc.stdout
 
@@ -158,7 +158,7 @@ async def test_a_failover_over_tls(certs: Certs, tmp_path: Path) -> None:
     )
     rt = Runtime(settings)
     try:
-        async with _api(settings) as (client, _):
+        async with api_client(settings) as (client, _):
             await _round(rt, client, "before")
             with ha.master().client() as c:
                 assert c.execute_command("WAIT", 1, 2000) == 1
@@ -170,7 +170,7 @@ async def test_a_failover_over_tls(certs: Certs, tmp_path: Path) -> None:
             switches.stop()
             await asyncio.to_thread(until, lambda: bool(heard), 10.0)
             assert heard[0] == ha.master_port() != ha.killed.port  # type: ignore[union-attr]
-            assert await _ask(client, "before") == (200, "hit")  # it was replicated
+            assert await ask(client, "before") == (200, "hit")  # it was replicated
             await _round(rt, client, "after")
     finally:
         watch.stop()
@@ -191,7 +191,7 @@ async def test_cluster_over_tls(certs: Certs, tmp_path: Path) -> None:
         assert cluster.url.startswith("rediss+cluster://") and rt.redis()[1].tls
         lookup = rt.registry.status("org/a")
         assert lookup.status.exists and not lookup.degraded
-        async with _api(settings) as (client, _):
+        async with api_client(settings) as (client, _):
             await _round(rt, client, "cluster over tls")
     finally:
         rt.close()

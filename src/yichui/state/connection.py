@@ -45,7 +45,7 @@ from yichui.errors import (
 )
 from yichui.state.cluster import ReshardingCluster
 from yichui.state.sentinel import auth_refusal, check_master
-from yichui.state.tls import tls_kwargs
+from yichui.state.tls import tls_kwargs, tls_refusal
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -321,18 +321,9 @@ def connect_error(target: RedisTarget, exc: BaseException) -> StateError:
             f"the ACL user lacks a permission yichui needs ({text})",
             hint=f"grant it the ACL of {_ACL_DOC}",
         )
-    if "CERTIFICATE_VERIFY_FAILED" in upper or "CERTIFICATE VERIFY FAILED" in upper:
-        return RedisSetupError(
-            url,
-            f"the server's TLS certificate is not trusted ({text})",
-            hint="set redis_ssl_ca_certs to the CA that signed the server's certificate",
-        )
-    if target.tls and ("WRONG_VERSION_NUMBER" in upper or "SSL" in upper):
-        return RedisSetupError(
-            url,
-            f"the TLS handshake failed ({text})",
-            hint="is it a TLS port? use redis:// for a plain one; check the redis_ssl_* settings",
-        )
+    mismatch = tls_refusal(exc, tls=target.tls)
+    if mismatch is not None:
+        return RedisSetupError(url, mismatch[0], hint=mismatch[1])
     if target.kind == "cluster" and (
         "CLUSTER MODE IS NOT ENABLED" in upper or "CLUSTER SUPPORT DISABLED" in upper
     ):
@@ -341,12 +332,6 @@ def connect_error(target: RedisTarget, exc: BaseException) -> StateError:
             "the node is a plain Redis, not a Redis Cluster node (cluster mode is not enabled)",
             hint="use redis://host:port for a single server, or point redis+cluster:// at the "
             "nodes of a cluster (cluster-enabled yes)",
-        )
-    if not target.tls and ("CLOSED BY SERVER" in upper or "RESET BY PEER" in upper):
-        return RedisSetupError(
-            url,
-            f"the server closed the connection at once ({text})",
-            hint="a TLS port answers a plain client so: use rediss:// (and redis_ssl_ca_certs)",
         )
     return RedisUnavailableError(url, text)
 

@@ -31,7 +31,7 @@ from redis.retry import Retry
 
 from yichui.backoff import Backoff
 from yichui.errors import RedisSetupError
-from yichui.state.tls import tls_kwargs
+from yichui.state.tls import tls_kwargs, tls_refusal
 
 if TYPE_CHECKING:
     from yichui.config import Settings
@@ -75,8 +75,8 @@ def _sentinel_kwargs(target: RedisTarget, settings: Settings) -> dict[str, Any]:
 
 def check_master(target: RedisTarget, settings: Settings) -> None:
     """Raise :class:`RedisSetupError` (exit 2) when the Sentinels answer but none monitors
-    ``target.master``; nothing when one does, or when none could be asked (an outage, not a
-    setting)."""
+    ``target.master``, or a Sentinel refuses our password or TLS; nothing when one monitors
+    it, or when none could be asked (an outage, not a setting)."""
     known: set[str] = set()
     asked = 0
     for host, port in target.nodes:
@@ -93,6 +93,13 @@ def check_master(target: RedisTarget, settings: Settings) -> None:
                     _SENTINEL_REFUSED[refused],
                     hint="set the Sentinels' own password (their requirepass) as "
                     "?sentinel_password= in redis_url; the master's goes in the userinfo",
+                ) from exc
+            mismatch = tls_refusal(exc, tls=target.tls)
+            if mismatch is not None:  # said here: the client's discovery would bury it
+                raise RedisSetupError(
+                    f"{target.display} (the Sentinel at {host}:{port})",
+                    mismatch[0],
+                    hint=mismatch[1],
                 ) from exc
             continue
         asked += 1

@@ -1,6 +1,6 @@
-"""redis-py's TLS arguments from the ``redis_ssl_*`` settings, one definition for every client
-of a ``rediss`` target: the state and cache clients (``connection``), a cluster's nodes, and
-the Sentinels that ``sentinel`` asks and watches."""
+"""TLS for every client of a ``rediss`` target (the state and cache clients of
+``connection``, a cluster's nodes, the Sentinels that ``sentinel`` asks and watches): redis-py's
+arguments from the ``redis_ssl_*`` settings, and what a failed handshake means."""
 
 from __future__ import annotations
 
@@ -21,3 +21,27 @@ def tls_kwargs(settings: Settings) -> dict[str, Any]:
     if settings.redis_ssl_cert_reqs == "none":
         out["ssl_check_hostname"] = False
     return out
+
+
+def tls_refusal(exc: BaseException, *, tls: bool) -> tuple[str, str] | None:
+    """-> (reason, hint) when ``exc`` is a TLS mismatch (a setting, not an outage): a
+    certificate not signed by ``redis_ssl_ca_certs``, a handshake with a plain port, a plain
+    client on a TLS port. None for any other failure."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    upper = text.upper()
+    if "CERTIFICATE_VERIFY_FAILED" in upper or "CERTIFICATE VERIFY FAILED" in upper:
+        return (
+            f"the server's TLS certificate is not trusted ({text})",
+            "set redis_ssl_ca_certs to the CA that signed the server's certificate",
+        )
+    if tls and ("WRONG_VERSION_NUMBER" in upper or "SSL" in upper):
+        return (
+            f"the TLS handshake failed ({text})",
+            "is it a TLS port? use redis:// for a plain one; check the redis_ssl_* settings",
+        )
+    if not tls and ("CLOSED BY SERVER" in upper or "RESET BY PEER" in upper):
+        return (
+            f"the server closed the connection at once ({text})",
+            "a TLS port answers a plain client so: use rediss:// (and redis_ssl_ca_certs)",
+        )
+    return None
