@@ -11,12 +11,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests import sentinel_fixtures
 from tests.sentinel_fixtures import (
     SentinelGroup,
+    api_client,
+    ask,
     assert_each_ended_once,
     claimed_again,
     failover_settings,
@@ -24,7 +25,6 @@ from tests.sentinel_fixtures import (
     settle_then_heal,
 )
 from tests.test_cli import assert_one_line_error, run
-from yichui.api.app import create_app
 from yichui.errors import RedisSetupError
 from yichui.runtime import Runtime
 from yichui.state.connection import connect
@@ -63,34 +63,17 @@ async def test_failover_measured(
     ha.start()
     switches = ha.listen()
     settings = failover_settings(tmp_path, ha.url(db=3), task_durability="replicated")
-    submitter, api_rt = Runtime(settings), Runtime(settings, role="api")
-    worker_rt = Runtime(settings, role="worker")
+    submitter, worker_rt = Runtime(settings), Runtime(settings, role="worker")
     workers = contextlib.ExitStack()  # the worker thread, from when traffic runs
-    app = create_app(settings, runtime=api_rt)
     answers: list[tuple[float, int, str]] = []
     prompts = [f"hello {i}" for i in range(4)]
     try:
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://test"
-            ) as client,
-        ):
-
-            async def ask(prompt: str) -> tuple[int, str]:
-                body = {
-                    "model": "echo/shout",
-                    "messages": [{"role": "user", "content": prompt}],
-                    "temperature": 0,
-                }
-                r = await client.post("/v1/chat/completions", json=body)
-                return r.status_code, r.headers.get("x-yichui-cache", "")
-
+        async with api_client(settings) as (client, _):
             for p in prompts:  # stored before the failover (and replicated: we wait for it)
-                assert (await ask(p))[0] == 200
+                assert (await ask(client, p))[0] == 200
             with ha.master().client() as c:
                 c.execute_command("WAIT", 1, 2000)
-            assert [(await ask(p))[1] for p in prompts] == ["hit"] * 4
+            assert [(await ask(client, p))[1] for p in prompts] == ["hit"] * 4
 
             tasks = [
                 submitter.tasks.submit("stamp", {"seconds": 0.15})["id"] for _ in range(30)
@@ -100,7 +83,7 @@ async def test_failover_measured(
             async def traffic() -> None:
                 i = 0
                 while not stop.is_set():
-                    status, cache = await ask(prompts[i % len(prompts)])
+                    status, cache = await ask(client, prompts[i % len(prompts)])
                     answers.append((time.monotonic(), status, cache))
                     i += 1
                     await asyncio.sleep(0.02)
@@ -127,7 +110,7 @@ async def test_failover_measured(
     finally:
         workers.close()
         switches.stop()
-        for rt in (submitter, api_rt, worker_rt):
+        for rt in (submitter, worker_rt):
             rt.close()
         ha.stop()
 
