@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -38,27 +38,51 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from yichui.backoff import Backoff
+
 log = logging.getLogger("yichui.state")
+T = TypeVar("T")
 
 RESHARD_WAIT = 10.0
 """Seconds a command may keep meeting ``TRYAGAIN`` (its slot being moved) before it fails."""
+
+
+def _while_moving(
+    attempt: Callable[[], T],
+    errors: tuple[type[Exception], ...],
+    what: str,
+    between: Callable[[], object] = lambda: None,
+) -> T:
+    """``attempt()``, tried again with backoff (``between()`` before each new try) while it
+    fails with ``errors`` (its slot being moved), for up to :data:`RESHARD_WAIT` seconds from
+    the first failure; then the last error. The first try costs nothing extra."""
+    try:
+        return attempt()
+    except errors:
+        deadline = time.monotonic() + RESHARD_WAIT
+    backoff = Backoff(first=0.02, cap=0.5)
+    while True:
+        pause = backoff.next()
+        log.debug("%s: slot being moved, trying again in %.2fs", what, pause)
+        time.sleep(pause)
+        between()
+        try:
+            return attempt()
+        except errors:
+            if time.monotonic() + pause > deadline:
+                raise
 
 
 class ReshardingCluster(RedisCluster):
     """A :class:`redis.cluster.RedisCluster` whose commands outlast a slot migration."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + RESHARD_WAIT
-        delay = 0.02
-        while True:
-            try:
-                return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-            except ClusterError:  # "TTL exhausted": redirected or TRYAGAIN on every try
-                if time.monotonic() + delay > deadline:
-                    raise
-            log.debug("%s: slot being moved, trying again in %.2fs", args[0], delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+        # "TTL exhausted" (ClusterError): redirected or TRYAGAIN on every one of redis-py's tries
+        return _while_moving(
+            lambda: super(ReshardingCluster, self).execute_command(*args, **kwargs),  # type: ignore[no-untyped-call]
+            (ClusterError,),
+            str(args[0]),
+        )
 
 
 def on_slot_owner(client: RedisCluster, key: str, queue: Callable[[Any], object]) -> list[Any]:
@@ -67,21 +91,16 @@ def on_slot_owner(client: RedisCluster, key: str, queue: Callable[[Any], object]
     -> their replies. A slot that moved meanwhile (MOVED, ASK, TRYAGAIN) gets its owner found
     again, for up to :data:`RESHARD_WAIT` seconds; the commands must bear running again (their
     first run was refused, or went to a node that no longer has the slot)."""
-    deadline = time.monotonic() + RESHARD_WAIT
-    delay = 0.02
-    while True:
+
+    def attempt() -> list[Any]:
         node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
         pipe = client.get_redis_connection(node).pipeline(transaction=False)
         queue(pipe)
-        try:
-            return list(pipe.execute())
-        except (MovedError, AskError, TryAgainError):
-            if time.monotonic() + delay > deadline:
-                raise
-        log.debug("%s: slot moved, finding its master again", key)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
-        client.nodes_manager.initialize()
+        return list(pipe.execute())
+
+    return _while_moving(
+        attempt, (MovedError, AskError, TryAgainError), key, client.nodes_manager.initialize
+    )
 
 
 async def warm(client: AsyncRedisCluster, timeout: float) -> bool:
