@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from tests.sentinel_fixtures import (
 )
 from tests.test_cli import assert_one_line_error, run
 from yichui.config import load_settings
+from yichui.errors import NotDurableError
 from yichui.runtime import Runtime
 from yichui.state.keys import Keys
 from yichui.state.task_store import TERMINAL
@@ -112,7 +115,10 @@ def test_replicated_enqueue_on_a_cluster(
 ) -> None:
     """task_durability = "replicated" on a cluster: WAIT on the connection to the master of
     the tasks' slot, so its replica has the task when submit returns."""
-    rt = Runtime(failover_settings(tmp_path, cluster.url, task_durability="replicated"))
+    settings = failover_settings(
+        tmp_path, cluster.url, task_durability="replicated", task_durability_timeout=0.3
+    )
+    rt = Runtime(settings)
     try:
         ids = [rt.tasks.submit("stamp", {"seconds": 0})["id"] for _ in range(20)]
         master = cluster.owner(_slot(rt.keys.task_queue("default")))
@@ -120,6 +126,16 @@ def test_replicated_enqueue_on_a_cluster(
         with replica.client() as c:
             c.execute_command("READONLY")
             assert all(c.exists(rt.keys.task_status(t)) for t in ids)
+        # that replica frozen, a submit is not durable: WAIT went to the connection that wrote
+        # (another master's WAIT would count that master's live replica and pass)
+        assert replica.proc is not None
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(NotDurableError) as info:
+                rt.tasks.submit("stamp", {"seconds": 0}, task_id="replica-frozen")
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        assert "1 replica(s)" in str(info.value) and "got 0" in str(info.value)
     finally:
         rt.close()
 
