@@ -20,7 +20,8 @@ from tests.redis_proc import RedisProcess, free_port, wait_until
 from yichui.api.app import create_app
 from yichui.config import Settings, load_settings
 from yichui.errors import ConfigError
-from yichui.metrics import ClusterSnapshot, Metrics, check_access
+from yichui.metrics import ClusterSnapshot, Metrics
+from yichui.metrics_access import check_access
 from yichui.runtime import Runtime
 from yichui.runtime.metrics_server import MetricsServer
 

@@ -1,4 +1,5 @@
-"""Every metric of a process, in one typed object (prometheus-client), and who may read them.
+"""Every metric of a process, in one typed object (prometheus-client). Who may read them is
+``metrics_access.py``.
 
 ::
 
@@ -26,8 +27,6 @@ which adds it to :attr:`Metrics.fleet` too, and the cache flushes that to Redis 
 from __future__ import annotations
 
 import bisect
-import hmac
-import ipaddress
 import math
 import threading
 from collections import Counter
@@ -582,41 +581,3 @@ def _cluster_families(snap: ClusterSnapshot) -> Iterator[Metric]:
         for worker, queue, seconds in snap.workers:
             age.add_metric(["cluster", worker, queue], seconds)
         yield age
-
-
-# -- who may read /metrics ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Refusal:
-    status: int
-    message: str
-
-
-def check_access(
-    token: str | None, client_host: str | None, authorization: str | None
-) -> Refusal | None:
-    """None when this scrape may read the metrics: with ``token`` set, a request bearing it
-    (from anywhere); without one, requests from loopback only."""
-    if token:
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
-            return Refusal(401, "a valid metrics token is needed (Authorization: Bearer …)")
-        return None
-    if _loopback(client_host):
-        return None
-    return Refusal(
-        403,
-        "metrics are readable from loopback only; set metrics_token to scrape from other hosts",
-    )
-
-
-def _loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return host == "localhost"

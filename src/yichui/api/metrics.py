@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from yichui.api.deps import services_of
 from yichui.api.errors import error_response
 from yichui.api.openai.serving import CACHE_HEADER
-from yichui.metrics import CONTENT_TYPE, OTHER, Metrics, check_access
+from yichui.metrics import CONTENT_TYPE, OTHER, Metrics
+from yichui.metrics_access import check_access
 
 router = APIRouter()
 

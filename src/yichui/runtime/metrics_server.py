@@ -19,7 +19,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import orjson
 
 from yichui.errors import ConfigError, error_body
-from yichui.metrics import CONTENT_TYPE, check_access
+from yichui.metrics import CONTENT_TYPE
+from yichui.metrics_access import check_access
 
 if TYPE_CHECKING:
     from yichui.runtime import Runtime
