@@ -10,20 +10,18 @@ from __future__ import annotations
 import contextlib
 import enum
 import random
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.cluster import RedisCluster
 
-from yichui.errors import NotDurableError, RedisSetupError, StateError
+from yichui.errors import StateError
 from yichui.state import task_lua
-from yichui.state.cluster import on_slot_owner
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import REDIS_ERRORS, SyncRedis, state_errors
+from yichui.state.durability import Durability
 from yichui.state.keys import Keys
 
 GROUP = "workers"
@@ -135,12 +133,8 @@ class TaskStore:
         self.ttl = ttl
         self.jitter = jitter
         self.log_max = log_max
-        self.durability = durability
-        """``none``, ``replicated`` (WAIT) or ``fsync`` (WAITAOF): what :meth:`enqueue` waits
-        for (``task_durability``)."""
-        self.replicas = replicas
-        self.durability_timeout = durability_timeout
-        self._waitaof: bool | None = None  # whether the server has WAITAOF (Redis >= 7.2)
+        self.durability = Durability(durability, replicas=replicas, timeout=durability_timeout)
+        """What :meth:`enqueue` waits for (``task_durability``)."""
         self._scripts = {
             name: client.register_script(getattr(task_lua, name))
             for name in (
@@ -202,64 +196,18 @@ class TaskStore:
         ``tenant`` is recorded as the task's owner (``status["tenant"]``)."""
         payload = dumps(dict(args)).decode()
         argv = (type_, payload, queue, max_attempts, int(delay * 1000), tenant)
-        if self.durability == "none":
+        if self.durability.mode == "none":
             res = self._run("ENQUEUE", task_id, queue, *argv)
-        else:
-            res = self._durable_enqueue(task_id, queue, argv)
+        else:  # every task key is in the queue's slot
+            res = self.durability.write(
+                self.client,
+                self.keys.task_queue(queue),
+                lambda pipe: self._run("ENQUEUE", task_id, queue, *argv, client=pipe),
+                what=f"task {task_id} queued",
+            )
         if int(res[0]) == 1:
             return True, type_, dict(args)
         return False, _s(res[1]), loads(res[2]) if res[2] else {}
-
-    def _durable_enqueue(self, task_id: str, queue: str, argv: tuple[Any, ...]) -> Any:
-        """ENQUEUE, then WAIT / WAITAOF on the same connection (both count what this
-        connection wrote): one pipeline, so no other thread's command comes between. On a
-        cluster, to the master of the tasks' slot (every task key is there)."""
-        fsync = self.durability == "fsync"
-        if fsync and not self._has_waitaof():
-            raise RedisSetupError(
-                "the state instance",
-                f'task_durability = "fsync" needs WAITAOF (Redis >= 7.2); '
-                f"this server is Redis {self._version()}",
-                hint='set task_durability = "replicated" (WAIT: in the replicas\' memory), '
-                "or upgrade Redis to 7.2 or later",
-            )
-        timeout_ms = max(1, int(self.durability_timeout * 1000))
-        wait: tuple[Any, ...] = ("WAIT", self.replicas, timeout_ms)
-        if fsync:
-            wait = ("WAITAOF", 1, self.replicas, timeout_ms)
-
-        def commands(pipe: Any) -> None:
-            self._run("ENQUEUE", task_id, queue, *argv, client=pipe)
-            pipe.execute_command(*wait)
-
-        if isinstance(self.client, RedisCluster):  # the tasks' slot's master, one connection
-            res, acked = on_slot_owner(self.client, self.keys.task_queue(queue), commands)
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            commands(pipe)
-            res, acked = pipe.execute()
-        if fsync:
-            local, remote = int(acked[0]), int(acked[1])
-            if local < 1 or remote < self.replicas:
-                raise NotDurableError(
-                    f"task {task_id} queued",
-                    f"the AOF fsynced here and on {self.replicas} replica(s)",
-                    f"{'here' if local else 'not here'} and on {remote}",
-                )
-        elif int(acked) < self.replicas:
-            raise NotDurableError(
-                f"task {task_id} queued", f"{self.replicas} replica(s)", f"{int(acked)}"
-            )
-        return res
-
-    def _version(self) -> str:
-        return str(self.client.info("server").get("redis_version", "unknown"))
-
-    def _has_waitaof(self) -> bool:
-        if self._waitaof is None:
-            parts = [int(p) for p in re.findall(r"\d+", self._version())[:2]] or [0]
-            self._waitaof = tuple(parts) >= (7, 2)
-        return self._waitaof
 
     @state_errors
     def cancel(self, task_id: str, reason: str = "cancelled by user") -> tuple[str, str]:
