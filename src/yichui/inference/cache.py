@@ -91,8 +91,11 @@ class ResponseCache:
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, *, warm: float = 2.0) -> None:
+        """Its listener and stats flusher; a cluster client learns the slots first (for up to
+        ``warm`` seconds) so that the first requests are not bypasses."""
         if self.store is not None:
+            await self.store.warm(warm)
             self._tasks = [
                 asyncio.create_task(self._listen(), name="cache-events"),
                 asyncio.create_task(self._flush_stats(), name="cache-stats"),

@@ -117,9 +117,9 @@ class ServingServices:
                 await asyncio.to_thread(check_master, target, s)
         self._state = make_async_client(state_target, s)
         self._cache_client = make_async_client(cache_target, s)
-        for target, client in ((state_target, self._state), (cache_target, self._cache_client)):
-            if target.kind == "cluster":  # the slots known before the first request
-                await cluster.warm(client, s.redis_connect_timeout)  # type: ignore[arg-type]
+        if state_target.kind == "cluster":  # the slots known before the first request (the
+            # cache's client learns them in ResponseCache.start)
+            await cluster.warm(self._state, s.redis_connect_timeout)  # type: ignore[arg-type]
         self._sessions = SessionStore(self._state, rt.keys, s.session_ttl)
         self._feed = EventFeed(self._state, rt.keys, buffer=s.sse_buffer)
         if not self.auth.local:  # the keys, before the first request is let in
@@ -143,7 +143,7 @@ class ServingServices:
             max_entry_bytes=s.cache_max_entry_bytes,
             metrics=rt.metrics,
         )
-        await self._cache.start()
+        await self._cache.start(warm=s.redis_connect_timeout)
         self._router = ModelRouter(await asyncio.to_thread(rt.engines))
         self._inference = InferenceService(
             self._router, self._cache, shared=s.cache_shared, wait=s.cache_wait, metrics=rt.metrics

@@ -11,6 +11,9 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+from yichui.state import cluster
 from yichui.state.codec import dumps, loads
 from yichui.state.connection import AsyncRedis
 from yichui.state.events import subscribe
@@ -109,6 +112,12 @@ class ResponseStore:
         self._renew = client.register_script(_RENEW)
         self._lock = client.register_script(_LOCK)
         self._append = client.register_script(_APPEND)
+
+    async def warm(self, timeout: float) -> None:
+        """Learn a cluster's slots now (nothing for one server): a cluster client does it on
+        its first command, which the cache's short timeout would cut off (a bypass)."""
+        if isinstance(self.client, AsyncRedisCluster):
+            await cluster.warm(self.client, timeout)
 
     async def get(self, model: str, digest: str) -> tuple[dict[str, Any], bytes] | None:
         """-> (metadata, body bytes), or None on a miss (or an entry of another layout)."""
