@@ -44,6 +44,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "standalone_only(reason): needs one plain redis-server and full rights on it "
         "(CONFIG SET, DEBUG, a kill): deselected under --redis=cluster and --redis=acl",
     )
+    config.addinivalue_line(
+        "markers",
+        "cluster_only(reason): about the cluster client itself: deselected unless --redis=cluster",
+    )
 
 
 def redis_mode(config: pytest.Config) -> str:
@@ -52,11 +56,14 @@ def redis_mode(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if redis_mode(config) == "standalone":
-        return
+    mode = redis_mode(config)
+    drop = "cluster_only" if mode != "cluster" else None
     keep, dropped = [], []
     for item in items:
-        (dropped if item.get_closest_marker("standalone_only") else keep).append(item)
+        unfit = item.get_closest_marker(drop) if drop else None
+        if mode != "standalone" and item.get_closest_marker("standalone_only"):
+            unfit = True
+        (dropped if unfit else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep

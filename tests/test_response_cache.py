@@ -181,6 +181,7 @@ async def _ask(
         return body, s.status
 
 
+@pytest.mark.cluster_only("a cluster client's start (make test runs this file on a cluster)")
 async def test_start_learns_a_clusters_slots(make_cache: Callable[..., ResponseCache]) -> None:
     """A cold cluster client learns the slots on its first command (CLUSTER SLOTS, COMMAND:
     about 9 ms here, more on a loaded box), which the cache's timeout may cut off: a bypass.
@@ -188,8 +189,7 @@ async def test_start_learns_a_clusters_slots(make_cache: Callable[..., ResponseC
     cache = make_cache()
     assert cache.store is not None
     client = cache.store.client
-    if not isinstance(client, AsyncRedisCluster):
-        pytest.skip("a cluster client's (make test runs this file with --redis=cluster too)")
+    assert isinstance(client, AsyncRedisCluster)
     assert not client.nodes_manager.slots_cache
     await cache.start()
     assert len(client.nodes_manager.slots_cache) == 16384
